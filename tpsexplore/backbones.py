@@ -1,0 +1,149 @@
+"""Backbones: short names for the papers' models, weights from the hub, a local checkpoint or random init."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+SHORT_NAMES = {
+    "deit_t": "deit_tiny_patch16_224",
+    "deit_s": "deit_small_patch16_224",
+    "deit_b": "deit_base_patch16_224",
+    "vit_b16": "vit_base_patch16_224",
+}
+WEIGHT_SOURCES = ("pretrained", "checkpoint", "random")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """No weights could be had for a backbone (offline hub, no checkpoint, random init not asked for)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build a backbone: the timm name, where its weights come from, and timm overrides."""
+
+    name: str
+    weights: str = "pretrained"
+    checkpoint: str | None = None
+    img_size: int | None = None
+    patch_size: int | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.weights == "pretrained":
+            object.__setattr__(self, "weights", "checkpoint")
+        if self.weights not in WEIGHT_SOURCES:
+            raise ValueError(f"weights: {self.weights!r}; allowed: {', '.join(WEIGHT_SOURCES)}")
+        if self.weights == "checkpoint" and not self.checkpoint:
+            raise ValueError("checkpoint: weights='checkpoint' needs a checkpoint path")
+
+    @property
+    def timm_name(self) -> str:
+        return resolve_name(self.name)
+
+    def overrides(self) -> dict[str, Any]:
+        kw = {"img_size": self.img_size, "patch_size": self.patch_size, "num_classes": self.num_classes}
+        return {k: v for k, v in kw.items() if v is not None}
+
+
+def resolve_name(name: str) -> str:
+    """Map a short name (deit_t, deit_s, deit_b, vit_b16) or a timm VisionTransformer name to the timm name."""
+    timm_name = SHORT_NAMES.get(name, name)
+    if timm_name not in timm.list_models() and not timm.is_model(timm_name):
+        raise ValueError(f"backbone: unknown backbone {name!r}; allowed: {', '.join(SHORT_NAMES)} "
+                         "or any timm VisionTransformer name (e.g. deit3_small_patch16_224)")
+    return timm_name
+
+
+def create_backbone(
+    name: str,
+    weights: str = "pretrained",
+    checkpoint: str | Path | None = None,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    num_classes: int | None = None,
+    **timm_kwargs: Any,
+) -> VisionTransformer:
+    """Build a timm VisionTransformer.
+
+    weights='pretrained' fetches from the timm hub; checkpoint=PATH loads a local .pth/.pt (with or
+    without a top-level "model" key) or .safetensors file strictly; weights='random' must be asked
+    for explicitly. Offline without weights raises WeightsUnavailableError naming these options.
+    """
+    spec = BackboneSpec(name, weights, str(checkpoint) if checkpoint else None, img_size, patch_size, num_classes)
+    kwargs = {**spec.overrides(), **timm_kwargs}
+    timm_name = spec.timm_name
+    if spec.weights == "pretrained":
+        try:
+            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
+            raise WeightsUnavailableError(
+                f"backbone: no pretrained weights for {name!r} ({timm_name}): the timm hub could not be reached "
+                f"({type(exc).__name__}). Pass checkpoint=PATH (.pth, .pt or .safetensors), or ask for "
+                "weights='random' to start from random init") from None
+    else:
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"backbone: {name!r} builds a {type(model).__name__}, not a timm VisionTransformer")
+    if spec.weights == "checkpoint":
+        load_checkpoint(model, spec.checkpoint)
+    model.tps_backbone = spec  # provenance, read by measurement and export
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or .pth/.pt (top-level "model"/"state_dict" keys unwrapped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint: {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"checkpoint: {str(p)!r} is not a readable .pth/.pt/.safetensors file ({exc})") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint: {str(p)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+    """Strictly load a checkpoint, listing every missing, unexpected and mis-shaped key on failure."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_state_dict(path)
+    if isinstance(model, VisionTransformer) and "pos_embed" in state:
+        try:
+            state = checkpoint_filter_fn(state, model)  # resamples pos_embed / patch_embed like timm does
+        except Exception:  # noqa: BLE001 - fall through to the strict check below
+            pass
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_brief(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_brief(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {_brief(shapes)}")
+        raise ValueError(f"checkpoint: {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _brief(items: list[str], n: int = 6) -> str:
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ... +' + str(len(items) - n) + ' more' if len(items) > n else ''}]"

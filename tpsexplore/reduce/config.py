@@ -1,0 +1,209 @@
+"""`ReductionConfig`: a typed, validated, JSON round-trippable description of one token-reduction setup."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .methods import METHODS, get_method
+
+SIMILARITY_PLACEMENTS = ("pre", "layerwise")
+
+
+@dataclass(frozen=True)
+class ReductionConfig:
+    """Which method reduces tokens, where (0-based block indices) and how much.
+
+    keep_ratios hold one ratio per location, or a single one broadcast to all locations. Each ratio is
+    relative to the tokens alive before that stage; how it becomes a count is the method's count rule
+    (``methods.MethodSpec``). ToMe uses ``r`` (constant), ``r`` with ``r_inflection`` (ToMe's (r, alpha)
+    schedule) or ``r_schedule`` (one r per block) instead of keep ratios; its locations default to
+    every block.
+    """
+
+    method: str = "none"
+    locations: tuple[int, ...] = ()
+    keep_ratios: tuple[float, ...] = ()
+    treatment: str | None = None
+    r: int = 0
+    r_inflection: float = 0.0
+    r_schedule: tuple[int, ...] = ()
+    temperature: float = 1.0
+    similarity_placement: str = "pre"
+    similarity_with_pos: bool = False
+    diversity: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "locations", _int_tuple(self.locations, "locations"))
+        object.__setattr__(self, "keep_ratios", _float_tuple(self.keep_ratios, "keep_ratios"))
+        object.__setattr__(self, "r_schedule", _int_tuple(self.r_schedule, "r_schedule"))
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, depth: int | None = None) -> "ReductionConfig":
+        """Raise ValueError naming the bad field; with ``depth``, also check locations against the model."""
+        if self.method == "none":
+            if self.locations or self.keep_ratios or self.r or self.r_schedule:
+                raise ValueError("method: 'none' takes no locations, keep_ratios or r")
+            return self
+        spec = get_method(self.method)
+        if self.treatment is not None and self.treatment not in spec.treatments:
+            raise ValueError(
+                f"treatment: {self.treatment!r} is not allowed for method {self.method!r}; "
+                f"allowed: {', '.join(spec.treatments)}")
+        locs = self.locations
+        if any(b <= a for a, b in zip(locs, locs[1:])):
+            raise ValueError(f"locations: {list(locs)} must be strictly increasing")
+        if any(loc < 0 for loc in locs):
+            raise ValueError(f"locations: {list(locs)} must be >= 0 (0-based block indices)")
+        if depth is not None and any(loc >= depth for loc in locs):
+            raise ValueError(f"locations: {list(locs)} out of range; allowed 0..{depth - 1} for a {depth}-block model")
+        for k in self.keep_ratios:
+            if not (0.0 < k <= 1.0) or math.isnan(k):
+                raise ValueError(f"keep_ratios: {k} is outside (0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: {self.temperature} must be > 0")
+        if self.diversity < 0:
+            raise ValueError(f"diversity: {self.diversity} must be >= 0")
+        if self.similarity_placement not in SIMILARITY_PLACEMENTS:
+            raise ValueError(f"similarity_placement: {self.similarity_placement!r}; allowed: "
+                             f"{', '.join(SIMILARITY_PLACEMENTS)}")
+        if spec.policy == "merge":
+            if self.keep_ratios:
+                raise ValueError("keep_ratios: ToMe takes r, r_inflection or r_schedule, not keep ratios")
+            if self.r < 0 or any(r < 0 for r in self.r_schedule):
+                raise ValueError(f"r: must be >= 0 (got r={self.r}, r_schedule={list(self.r_schedule)})")
+            if self.r_schedule and self.r:
+                raise ValueError("r_schedule: give either r or r_schedule, not both")
+            if not -1.0 <= self.r_inflection <= 1.0:
+                raise ValueError(f"r_inflection: {self.r_inflection} outside [-1, 1]")
+            if depth is not None and self.r_schedule and len(self.r_schedule) != depth:
+                raise ValueError(f"r_schedule: has {len(self.r_schedule)} entries; the model has {depth} blocks")
+            return self
+        if self.r or self.r_schedule:
+            raise ValueError(f"r: only ToMe takes r, not {self.method!r}")
+        if not locs:
+            raise ValueError(f"locations: method {self.method!r} needs at least one location")
+        if len(self.keep_ratios) not in (1, len(locs)):
+            raise ValueError(f"keep_ratios: {len(self.keep_ratios)} values for {len(locs)} locations; "
+                             "give one per location or one for all")
+        if spec.policy == "similarity" and self.similarity_placement == "pre" and locs != (0,):
+            raise ValueError(f"locations: similarity_placement='pre' prunes once before block 0, so locations "
+                             f"must be [0] (got {list(locs)}); use similarity_placement='layerwise' otherwise")
+        return self
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def spec(self):
+        return None if self.method == "none" else METHODS[self.method]
+
+    @property
+    def effective_treatment(self) -> str | None:
+        if self.method == "none":
+            return None
+        return self.treatment or METHODS[self.method].treatment
+
+    @property
+    def stage_keep_ratios(self) -> tuple[float, ...]:
+        """One keep ratio per location (broadcast applied)."""
+        if len(self.keep_ratios) == 1:
+            return self.keep_ratios * len(self.locations)
+        return self.keep_ratios
+
+    def merge_schedule(self, depth: int) -> tuple[int, ...]:
+        """ToMe's r for every block (ToMe's parse_r), restricted to ``locations`` when they are given."""
+        if self.r_schedule:
+            rs = list(self.r_schedule)
+        elif self.r_inflection:
+            lo = int(self.r * (1.0 - self.r_inflection))
+            hi = 2 * self.r - lo
+            step = (hi - lo) / (depth - 1) if depth > 1 else 0.0
+            rs = [int(lo + step * i) for i in range(depth)]
+        else:
+            rs = [self.r] * depth
+        if self.locations:
+            rs = [r if i in self.locations else 0 for i, r in enumerate(rs)]
+        return tuple(rs)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the config cannot change any token (method none)."""
+        return self.method == "none"
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name, e.g. ``etps k0.7@3,6,9`` or ``tome r13``."""
+        if self.method == "none":
+            return "baseline"
+        name = self.method
+        if self.treatment and self.treatment != METHODS[self.method].treatment:
+            name += f"+{self.treatment}"
+        if METHODS[self.method].policy == "merge":
+            if self.r_schedule:
+                return f"{name} r[{','.join(map(str, self.r_schedule))}]"
+            return f"{name} r{self.r}" + (f" a{self.r_inflection:g}" if self.r_inflection else "")
+        ks = ",".join(f"{k:g}" for k in self.keep_ratios)
+        return f"{name} k{ks}@{','.join(map(str, self.locations))}"
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["locations"] = list(self.locations)
+        d["keep_ratios"] = list(self.keep_ratios)
+        d["r_schedule"] = list(self.r_schedule)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReductionConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown ReductionConfig field; allowed: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "ReductionConfig":
+        """Parse JSON text or a file; a deployment config's ``reduction`` section is accepted too."""
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        data = json.loads(text)
+        if "reduction" in data and isinstance(data["reduction"], dict):
+            data = data["reduction"]
+        return cls.from_dict(data)
+
+    def with_(self, **changes: Any) -> "ReductionConfig":
+        return replace(self, **changes)
+
+
+def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        value = (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected a list of integers, got {value!r}") from None
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                continue
+            raise ValueError(f"{name}: {v!r} is not an integer")
+    return tuple(int(v) for v in out)
+
+
+def _float_tuple(value: Any, name: str) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        value = (value,)
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected numbers, got {value!r}") from None
+    return out

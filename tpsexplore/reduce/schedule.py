@@ -1,0 +1,102 @@
+"""Token counts per block for a config, computed in plain Python (no model, no tensors).
+
+The patched model's forward follows exactly these counts, so analytic FLOPs, budget checks and the
+tests all share this one definition of each method's keep-ratio rule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import ReductionConfig
+
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One reduction step: at ``block``, ``before`` non-prefix tokens become ``after``.
+
+    ``kept`` tokens are selected, ``removed`` tokens go (dropped, fused, squeezed or merged).
+    For ToMe, ``kept`` is the number of unmerged tokens and ``removed`` is r.
+    """
+
+    block: int
+    before: int
+    kept: int
+    removed: int
+    after: int
+
+
+@dataclass(frozen=True)
+class TokenSchedule:
+    """Tokens through attention and MLP for every block, plus the reduction stages."""
+
+    num_prefix: int
+    num_patches: int
+    blocks: tuple[tuple[int, int], ...]
+    stages: tuple[Stage, ...]
+    scoring_pass: bool = False  # attention rollout runs one full forward pass to score patches
+
+    @property
+    def final_tokens(self) -> int:
+        return self.blocks[-1][1]
+
+    def counts(self) -> list[int]:
+        """Distinct token counts in order, e.g. [197, 138, 97, 68]."""
+        out: list[int] = []
+        for a, m in self.blocks:
+            for n in (a, m):
+                if not out or out[-1] != n:
+                    out.append(n)
+        return out
+
+
+def cumulative_keep(n0: int, ratios: list[float]) -> int:
+    """DynamicViT/dTPS rule: int(n0 * prod(ratios)), floor, at least 1."""
+    return max(1, int(n0 * math.prod(ratios) + _EPS))
+
+
+def ceil_keep(n: int, ratio: float) -> int:
+    """EViT rule: ceil(ratio * n), at least 1."""
+    return max(1, math.ceil(ratio * n - _EPS))
+
+
+def token_schedule(config: ReductionConfig, num_patches: int = 196, num_prefix: int = 1,
+                   depth: int = 12) -> TokenSchedule:
+    """Per-block (attention tokens, MLP tokens) for ``config`` on a ViT with the given geometry."""
+    config.validate(depth)
+    m = num_patches  # non-prefix tokens alive
+    blocks: list[tuple[int, int]] = []
+    stages: list[Stage] = []
+    spec = config.spec
+    if spec is None:
+        return TokenSchedule(num_prefix, num_patches, tuple((num_prefix + m, num_prefix + m) for _ in range(depth)), ())
+    if spec.policy == "merge":
+        rs = config.merge_schedule(depth)
+        t = num_prefix + m
+        for i in range(depth):
+            r = min(rs[i], (t - num_prefix) // 2)
+            if r > 0:
+                stages.append(Stage(i, t - num_prefix, t - num_prefix - r, r, t - num_prefix - r))
+            blocks.append((t, t - max(r, 0)))
+            t -= max(r, 0)
+        return TokenSchedule(num_prefix, num_patches, tuple(blocks), tuple(stages))
+
+    ratios = dict(zip(config.locations, config.stage_keep_ratios))
+    fuse = config.effective_treatment == "fuse"
+    seen: list[float] = []
+    for i in range(depth):
+        n_attn = num_prefix + m
+        if i in ratios:
+            seen.append(ratios[i])
+            k = cumulative_keep(num_patches, seen) if spec.count_rule == "cumulative" else ceil_keep(m, ratios[i])
+            k = min(k, m)
+            if k < m:
+                after = k + 1 if fuse else k
+                stages.append(Stage(i, m, k, m - k, after))
+                m = after
+            if spec.placement == "inter":
+                n_attn = num_prefix + m
+        blocks.append((n_attn, num_prefix + m))
+    return TokenSchedule(num_prefix, num_patches, tuple(blocks), tuple(stages), scoring_pass=spec.policy == "rollout")
