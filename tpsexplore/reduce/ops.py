@@ -1,0 +1,231 @@
+"""Pure tensor functions for token scoring, selection, squeezing, fusing and merging.
+
+Shapes: tokens (B, N, C); scores (B, N); index tensors (B, K) int64. Nothing here holds state or
+syncs with the host, and every output shape depends only on input shapes and integer arguments.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- basics
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / (||x||_2 + eps) along the channel axis (the TPS convention: eps added to the norm)."""
+    return x / (x.norm(dim=-1, keepdim=True) + eps)
+
+
+def cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
+    """Pairwise cosine similarity (B, Na, C) x (B, Nb, C) -> (B, Na, Nb)."""
+    return l2_normalize(a, eps) @ l2_normalize(b, eps).transpose(-2, -1)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` (B, K) of ``x`` (B, N, ...) -> (B, K, ...)."""
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def split_by_score(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices of the ``k`` highest scores (descending) and of the rest, (B, k) and (B, N - k)."""
+    order = scores.argsort(dim=-1, descending=True)
+    return order[:, :k], order[:, k:]
+
+
+# ----------------------------------------------------------------------------- TPS squeeze
+def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """TPS squeeze (spec 3.1): fuse every pruned token into its most similar reserved token (its host).
+
+    R'_j = (w0 R_j + sum_{i in Q_j} exp(S_ij) P_i) / (w0 + sum_{i in Q_j} exp(S_ij)), with S the cosine
+    similarity over temperature and w0 = exp(1 / temperature), the host's self-similarity (e for tau = 1;
+    the temperature scaling of w0 is inferred). Exact ties add a pruned token to every tied host, as the
+    reference does. Returns the new reserved tokens (B, Nr, C) and the host mask (B, Np, Nr).
+    """
+    sim = cosine_similarity(pruned, reserved) / temperature
+    host = sim == sim.amax(dim=-1, keepdim=True)
+    weight = torch.where(host, sim.exp(), torch.zeros_like(sim)).transpose(1, 2)  # (B, Nr, Np)
+    w0 = math.exp(1.0 / temperature)
+    num = w0 * reserved + weight @ pruned.to(weight.dtype)
+    den = w0 + weight.sum(dim=-1, keepdim=True)
+    return (num / den).to(reserved.dtype), host
+
+
+def squeeze_masked(x: Tensor, keep: Tensor, prune: Tensor, temperature: float = 1.0) -> Tensor:
+    """Training form of the squeeze on a fixed-length tensor (dTPS, spec 3.2).
+
+    x (B, N, C) spatial tokens; keep and prune (B, N) are the stage's hard decisions (straight-through,
+    so they carry gradients). Pruned-at-this-stage rows pick their host among kept columns; earlier-pruned
+    tokens are neither hosts nor squeezed. Non-host rows are returned unchanged.
+    """
+    n = x.shape[1]
+    sim = cosine_similarity(x, x) / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    sim = sim.masked_fill(eye | (keep < 0.5).unsqueeze(1), -100.0)
+    host = (sim == sim.amax(dim=-1, keepdim=True)).to(x.dtype) * prune.unsqueeze(-1)
+    weight = (host * sim.exp()).transpose(1, 2)  # (B, N hosts, N pruned)
+    w0 = math.exp(1.0 / temperature)
+    return (w0 * x + weight @ x) / (w0 + weight.sum(dim=-1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- EViT
+def fuse_tokens(tokens: Tensor, weights: Tensor) -> Tensor:
+    """EViT's inattentive token: sum_j a_j x_j, (B, M, C) x (B, M) -> (B, 1, C), not renormalised."""
+    return weights.unsqueeze(1).to(tokens.dtype) @ tokens
+
+
+def class_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Head-averaged attention of the class query to every key, (B, H, N, d) -> (B, N).
+
+    Only the class-token row is computed (one q.K^T row per head), so the block keeps fused attention.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- DynamicViT
+def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:
+    """Straight-through hard Gumbel-softmax sample of the keep channel (B, N, 2) -> (B, N)."""
+    return F.gumbel_softmax(log_probs, tau=tau, hard=True)[..., 0]
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's masked softmax attention in fp32 (spec 1.2 step 3).
+
+    policy (B, N) is 1 for live tokens; a dropped token still attends to itself (G_ii = 1) and nobody
+    attends to it. Returns (B, H, N, d).
+    """
+    n = q.shape[2]
+    logits = ((q * scale) @ k.transpose(-2, -1)).float()
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    p = policy.float()[:, None, None, :]
+    eye = torch.eye(n, device=q.device, dtype=torch.float32)
+    gate = p + (1.0 - p) * eye
+    e = logits.exp() * gate
+    attn = (e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)
+    return attn.to(v.dtype) @ v
+
+
+def ratio_loss_terms(decisions: list[Tensor], targets: list[float]) -> Tensor:
+    """DynamicViT ratio loss without its weight: 1/S sum_s mean_b(mean_i D_s - rho_s)^2."""
+    terms = [(d.float().mean(dim=1) - t).pow(2).mean() for d, t in zip(decisions, targets)]
+    return torch.stack(terms).sum() / len(terms)
+
+
+# ----------------------------------------------------------------------------- similarity pruning
+def redundancy(features: Tensor) -> Tensor:
+    """Mean cosine similarity of each token to every other token, (B, N, C) -> (B, N)."""
+    sim = cosine_similarity(features, features)
+    n = features.shape[1]
+    return (sim.sum(dim=-1) - sim.diagonal(dim1=-2, dim2=-1)) / max(n - 1, 1)
+
+
+def diverse_topk(scores: Tensor, k: int, coords: Tensor, weight: float, rounds: int = 4) -> tuple[Tensor, Tensor]:
+    """Top-k with a spatial-diversity bonus (similarity pruning, spec 8.1 step 5 — its form is inferred).
+
+    Selection runs in a fixed number of rounds (not per token). Each round takes the next share of k by
+    min-max-normalised score + weight * (grid distance to the nearest token already kept, over the grid
+    diagonal). weight = 0 is plain top-k. coords (B, N, 2) are patch-grid positions.
+    """
+    if weight == 0.0 or k >= scores.shape[1]:
+        return split_by_score(scores, k)
+    b, n = scores.shape
+    lo = scores.amin(dim=-1, keepdim=True)
+    hi = scores.amax(dim=-1, keepdim=True)
+    base = (scores - lo) / (hi - lo + 1e-6)
+    coords = coords.float()
+    diag = coords.flatten(1).amax(dim=-1).clamp_min(1.0).view(b, 1) * math.sqrt(2.0)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=scores.device)
+    nearest = torch.ones(b, n, device=scores.device)  # no kept token yet: every bonus equal
+    chunks = [k // rounds + (1 if i < k % rounds else 0) for i in range(rounds)]
+    picked = []
+    for size in (c for c in chunks if c > 0):
+        total = (base + weight * nearest).masked_fill(taken, -math.inf)
+        idx = total.topk(size, dim=-1).indices
+        picked.append(idx)
+        taken = taken.scatter(1, idx, True)
+        dist = torch.cdist(coords, gather_tokens(coords, idx)).amin(dim=-1) / diag
+        nearest = torch.minimum(nearest, dist)
+    keep = torch.cat(picked, dim=1)
+    rest = torch.where(taken, -math.inf, scores).argsort(dim=-1, descending=True)[:, : n - k]
+    return keep, rest
+
+
+# ----------------------------------------------------------------------------- attention rollout
+def attention_rollout(attentions: list[Tensor], num_prefix: int = 1) -> Tensor:
+    """Rollout (Abnar & Zuidema): R = prod_l norm(0.5 A_l + 0.5 I), head-mean A_l; cls row over patches.
+
+    attentions: per block (B, H, N, N) post-softmax. Returns (B, N - num_prefix).
+    """
+    a0 = attentions[0]
+    n = a0.shape[-1]
+    eye = torch.eye(n, device=a0.device, dtype=torch.float32)
+    rollout = eye.expand(a0.shape[0], n, n)
+    for attn in attentions:
+        a = 0.5 * attn.float().mean(dim=1) + 0.5 * eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a @ rollout
+    return rollout[:, 0, num_prefix:]
+
+
+# ----------------------------------------------------------------------------- ToMe
+class MergePlan(NamedTuple):
+    """Bipartite matching result: A-token indices left unmerged, merged sources and their destinations."""
+
+    unm_idx: Tensor  # (B, Na - r, 1)
+    src_idx: Tensor  # (B, r, 1)
+    dst_idx: Tensor  # (B, r, 1)
+    num_protected: int
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 1) -> MergePlan:
+    """ToMe matching (spec 4.2): alternate A/B split, each A token's best cosine match in B, top-r edges.
+
+    The class token (A[0]) is never a source; a distillation token (B[0]) is never a destination.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    if num_protected >= 1:
+        scores[:, 0, :] = -math.inf
+    if num_protected >= 2:
+        scores[:, :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[:, r:]
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx[..., None].gather(1, src_idx)
+    if num_protected:
+        unm_idx = unm_idx.sort(dim=1).values  # keep the class token first
+    return MergePlan(unm_idx, src_idx, dst_idx, num_protected)
+
+
+def merge_apply(plan: MergePlan, x: Tensor, reduce: str | None = "sum") -> Tensor:
+    """Apply a merge plan to (B, N, C): [unmerged A, B with sources scatter-reduced in].
+
+    ``reduce=None`` moves tokens without combining (for index bookkeeping). With a distillation token the
+    order is [cls, dist, rest of A, rest of B], so prefix tokens stay in front.
+    """
+    a, b = x[:, ::2], x[:, 1::2]
+    c = x.shape[-1]
+    unm = a.gather(1, plan.unm_idx.expand(-1, -1, c))
+    if reduce is not None:
+        src = a.gather(1, plan.src_idx.expand(-1, -1, c))
+        b = b.scatter_reduce(1, plan.dst_idx.expand(-1, -1, c), src, reduce=reduce)
+    if plan.num_protected >= 2:
+        return torch.cat([unm[:, :1], b[:, :1], unm[:, 1:], b[:, 1:]], dim=1)
+    return torch.cat([unm, b], dim=1)
+
+
+def merge_wavg(plan: MergePlan, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge: returns merged tokens and their new sizes (B, N - r, 1)."""
+    x = merge_apply(plan, x * size, "sum")
+    size = merge_apply(plan, size, "sum")
+    return x / size, size

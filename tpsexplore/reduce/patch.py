@@ -1,0 +1,402 @@
+"""The one thin layer that patches a timm VisionTransformer to reduce tokens.
+
+`apply` swaps the model's class for a subclass whose ``forward_features`` carries a `TokenState`
+through the blocks, and attaches a `ReductionStage` module to each block that reduces. Blocks that
+neither reduce nor need anything from attention run timm's own ``Block.forward`` (fused attention).
+`remove` restores the original class and drops the added modules.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from . import ops
+from .config import ReductionConfig
+from .modules import ReductionStage
+from .schedule import token_schedule
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ReductionInfo:
+    """What the last forward pass did; read with `last_info(model)`.
+
+    token_counts: (attention tokens, MLP tokens) per block, read from shapes (no host sync).
+    token_ids: (B, N) original index of each output token (prefix tokens first, patch p at
+    num_prefix + p); -1 for EViT's fused token, which stands for many patches.
+    sources: (B, N, num_prefix + num_patches) 0/1 map of the input tokens each output token holds,
+    only when source tracking is on (`track_sources`).
+    decisions / keep_targets: the learned-policy stages' hard keep masks (training) and their targets.
+    keep_mask: (B, N) training mask of live tokens for DynamicViT/dTPS, else None.
+    stage_sources: sources after each reduction stage (tracking only), keyed by block index.
+    """
+
+    token_counts: list[tuple[int, int]] = field(default_factory=list)
+    token_ids: Tensor | None = None
+    sources: Tensor | None = None
+    decisions: list[Tensor] = field(default_factory=list)
+    keep_targets: list[float] = field(default_factory=list)
+    keep_mask: Tensor | None = None
+    stage_sources: dict[int, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TokenState:
+    """Everything that travels with the tokens from block to block within one forward pass."""
+
+    x: Tensor
+    ids: Tensor  # (B, N) long
+    num_prefix: int
+    size: Tensor | None = None  # ToMe token sizes (B, N, 1)
+    source: Tensor | None = None  # (B, N, N0) float when tracking
+    mask: Tensor | None = None  # training keep mask over spatial tokens (B, M)
+    rollout: Tensor | None = None  # rollout scores of the spatial tokens (B, M)
+    embed: Tensor | None = None  # patch embeddings before the position embedding (B, M, C)
+    grid_width: int = 0  # patches per row, for spatial positions
+    info: ReductionInfo = field(default_factory=ReductionInfo)
+
+
+class TokenReductionMixin:
+    """Mixed into the patched model's class; ``tps_config`` and ``tps_options`` are set by `apply`."""
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask: token reduction does not support attention masks or causal attention")
+        cfg: ReductionConfig = self.tps_config
+        embed = self.patch_embed(x)
+        x = self._pos_embed(embed)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        b, n, _ = x.shape
+        p = self.num_prefix_tokens
+        state = TokenState(x=x, ids=torch.arange(n, device=x.device).expand(b, n), num_prefix=p,
+                           grid_width=self.patch_embed.grid_size[1])
+        if self.tps_options.get("track_sources"):
+            state.source = torch.eye(n, device=x.device, dtype=torch.float32).expand(b, n, n)
+        if cfg.spec is not None and cfg.spec.policy == "similarity" and not cfg.similarity_with_pos \
+                and cfg.similarity_placement == "pre":
+            state.embed = embed if embed.dim() == 3 else embed.flatten(1, 2)
+        if cfg.spec is not None and cfg.spec.policy == "rollout":
+            state.rollout = _rollout_scores(self, x)
+        for i, blk in enumerate(self.blocks):
+            state = _run_block(blk, state, getattr(blk, "tps_stage", None), cfg, self.training)
+        if state.mask is not None:
+            state.info.keep_mask = torch.cat([state.mask.new_ones(b, p), state.mask], dim=1)
+        state.info.token_ids = state.ids
+        state.info.sources = state.source
+        self.tps_last_info = state.info
+        return self.norm(state.x)
+
+
+# ----------------------------------------------------------------------------- per block
+def _run_block(blk: Block, s: TokenState, stage: ReductionStage | None, cfg: ReductionConfig,
+               training: bool) -> TokenState:
+    p = s.num_prefix
+    if stage is not None and stage.placement == "inter":
+        _reduce_inter(stage, s, cfg, training)
+    need_cls = stage is not None and stage.policy == "cls_attn"
+    need_metric = stage is not None and stage.policy == "merge"
+    n_attn = s.x.shape[1]
+    if not (need_cls or need_metric or s.size is not None or s.mask is not None):
+        x = blk(s.x)  # timm's own block: fused attention, nothing to collect
+        s.info.token_counts.append((n_attn, x.shape[1]))
+        s.x = x
+        return s
+    bias = None
+    if s.size is not None:  # ToMe proportional attention: + log(size) over the key axis
+        bias = s.size.log()[:, None, None, :, 0].to(s.x.dtype)
+    out, cls_scores, metric = _attention(blk.attn, blk.norm1(s.x), bias, need_cls, need_metric,
+                                         s.mask if s.mask is not None else None, p)
+    s.x = s.x + blk.drop_path1(blk.ls1(out))
+    if need_cls:
+        _reduce_select(stage, s, cls_scores, cfg)
+    elif need_metric:
+        _merge(stage, s, metric)
+    s.info.token_counts.append((n_attn, s.x.shape[1]))
+    s.x = s.x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(s.x))))
+    return s
+
+
+def _attention(attn: Attention, x: Tensor, bias: Tensor | None, need_cls: bool, need_metric: bool,
+               mask: Tensor | None, num_prefix: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """timm Attention's math, also returning class-attention scores or ToMe's key metric when asked."""
+    b, n, c = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if mask is not None:  # DynamicViT training: full attention matrix with the masked softmax
+        policy = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
+        out = ops.masked_attention(q, k, v, policy, attn.scale)
+    elif attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        a = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            a = a + bias
+        out = attn.attn_drop(a.softmax(dim=-1)) @ v
+    cls_scores = ops.class_attention(q, k, attn.scale, bias)[:, num_prefix:] if need_cls else None
+    metric = k.mean(dim=1) if need_metric else None
+    out = out.transpose(1, 2).reshape(b, n, attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), cls_scores, metric
+
+
+# ----------------------------------------------------------------------------- reductions
+def _reduce_inter(stage: ReductionStage, s: TokenState, cfg: ReductionConfig, training: bool) -> None:
+    """Reduce before the block runs (DynamicViT, dTPS, similarity, rollout, random)."""
+    p = s.num_prefix
+    spatial = s.x[:, p:]
+    if stage.policy == "predictor":
+        if training:
+            _predictor_train(stage, s, cfg)
+            return
+        scores = stage.predictor(spatial)[..., 0]
+    elif stage.policy == "similarity":
+        feats = s.embed if (s.embed is not None and stage.block_index == 0) else spatial
+        scores = -ops.redundancy(feats)
+    elif stage.policy == "rollout":
+        scores = s.rollout
+    elif stage.policy == "random":
+        scores = stage.random_scores[(s.ids[:, p:] - p).clamp_min(0)].to(spatial.dtype)
+    else:  # pragma: no cover - guarded by the registry
+        raise ValueError(f"policy: {stage.policy!r} cannot reduce between blocks")
+    _reduce_select(stage, s, scores, cfg)
+
+
+def _reduce_select(stage: ReductionStage, s: TokenState, scores: Tensor, cfg: ReductionConfig) -> None:
+    """Keep the top ``stage.kept`` spatial tokens by score and treat the rest (drop, fuse or squeeze)."""
+    p = s.num_prefix
+    prefix, spatial = s.x[:, :p], s.x[:, p:]
+    if stage.policy == "similarity" and cfg.diversity > 0:
+        keep, rest = ops.diverse_topk(scores, stage.kept, _grid_coords(s), cfg.diversity)
+    else:
+        keep, rest = ops.split_by_score(scores, stage.kept)
+    kept = ops.gather_tokens(spatial, keep)
+    ids = ops.gather_tokens(s.ids[:, p:], keep)
+    src = ops.gather_tokens(s.source[:, p:], keep) if s.source is not None else None
+    if stage.treatment == "squeeze":
+        kept, host = ops.squeeze(kept, ops.gather_tokens(spatial, rest), cfg.temperature)
+        if src is not None:
+            moved = host.transpose(1, 2).float() @ ops.gather_tokens(s.source[:, p:], rest)
+            src = (src + moved).clamp_max(1.0)
+    elif stage.treatment == "fuse":
+        weights = ops.gather_tokens(scores, rest)
+        kept = torch.cat([kept, ops.fuse_tokens(ops.gather_tokens(spatial, rest), weights)], dim=1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], 1), -1)], dim=1)
+        if src is not None:
+            fused = ops.gather_tokens(s.source[:, p:], rest).amax(dim=1, keepdim=True)
+            src = torch.cat([src, fused], dim=1)
+    if s.rollout is not None:
+        s.rollout = ops.gather_tokens(s.rollout, keep)
+    s.x = torch.cat([prefix, kept], dim=1)
+    s.ids = torch.cat([s.ids[:, :p], ids], dim=1)
+    if src is not None:
+        s.source = torch.cat([s.source[:, :p], src], dim=1)
+        s.info.stage_sources[stage.block_index] = s.source
+
+
+def _predictor_train(stage: ReductionStage, s: TokenState, cfg: ReductionConfig) -> None:
+    """DynamicViT/dTPS training: Gumbel hard decisions, masks instead of removal, squeeze for dTPS."""
+    p = s.num_prefix
+    spatial = s.x[:, p:]
+    prev = s.mask if s.mask is not None else spatial.new_ones(spatial.shape[:2])
+    log_probs = stage.predictor(spatial, prev)
+    keep = ops.gumbel_keep(log_probs) * prev
+    if stage.treatment == "squeeze":
+        prune = (1.0 - keep) * prev
+        spatial = ops.squeeze_masked(spatial, keep, prune, cfg.temperature)
+        s.x = torch.cat([s.x[:, :p], spatial], dim=1)
+    s.info.decisions.append(keep)
+    s.info.keep_targets.append(stage.target)
+    s.mask = keep
+
+
+def _merge(stage: ReductionStage, s: TokenState, metric: Tensor) -> None:
+    """ToMe: bipartite soft matching on head-averaged keys, then the size-weighted merge."""
+    r = min(stage.removed, (s.x.shape[1] - s.num_prefix) // 2)
+    if r <= 0:
+        return
+    plan = ops.bipartite_soft_matching(metric, r, s.num_prefix)
+    size = s.size if s.size is not None else s.x.new_ones(s.x.shape[0], s.x.shape[1], 1)
+    s.x, s.size = ops.merge_wavg(plan, s.x, size)
+    s.ids = ops.merge_apply(plan, s.ids.unsqueeze(-1), None)[..., 0]
+    if s.source is not None:
+        s.source = ops.merge_apply(plan, s.source, "amax")
+        s.info.stage_sources[stage.block_index] = s.source
+
+
+def _grid_coords(s: TokenState) -> Tensor:
+    """(row, col) patch-grid positions of the current spatial tokens (fused tokens at -1, -1)."""
+    ids = s.ids[:, s.num_prefix:] - s.num_prefix
+    return torch.stack([ids.div(s.grid_width, rounding_mode="floor"), ids.remainder(s.grid_width)], dim=-1)
+
+
+def _rollout_scores(model: VisionTransformer, x: Tensor) -> Tensor:
+    """The full scoring pass of attention rollout: unreduced blocks with explicit attention maps."""
+    attentions = []
+    for blk in model.blocks:
+        attn = blk.attn
+        h = blk.norm1(x)
+        b, n, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        attentions.append(a)
+        out = (a @ v).transpose(1, 2).reshape(b, n, attn.attn_dim)
+        x = x + blk.ls1(attn.proj(attn.norm(out)))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    return ops.attention_rollout(attentions, model.num_prefix_tokens).detach()
+
+
+# ----------------------------------------------------------------------------- apply / remove
+def _patched_class(cls: type) -> type:
+    """A subclass of the model's class with the reducing forward_features (one per original class)."""
+    if issubclass(cls, TokenReductionMixin):
+        return cls
+    return type(f"TokenReduced{cls.__name__}", (TokenReductionMixin, cls), {"_tps_original_class": cls})
+
+
+def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
+          track_sources: bool = False) -> VisionTransformer:
+    """Patch ``model`` in place to reduce tokens as ``config`` says, and return it.
+
+    ``config`` may be a ReductionConfig, its dict, JSON text, or a path to a JSON file (a deployment
+    config exported by ``tpsexplore export`` is accepted; a different backbone gives a warning).
+    Re-applying replaces the previous reduction.
+    """
+    config, expected_backbone = _coerce_config(config)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"model: {type(model).__name__} is not a timm VisionTransformer")
+    _check_supported(model)
+    depth = len(model.blocks)
+    config.validate(depth)
+    if expected_backbone:
+        actual = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
+            getattr(model, "default_cfg", {}).get("architecture")
+        if actual and actual != expected_backbone:
+            warnings.warn(f"backbone: the config was exported for {expected_backbone}, the model is {actual}",
+                          stacklevel=2)
+    if isinstance(model, TokenReductionMixin):
+        remove(model)
+    p = model.num_prefix_tokens
+    num_patches = model.patch_embed.num_patches
+    sched = token_schedule(config, num_patches=num_patches, num_prefix=p, depth=depth)
+    spec = config.spec
+    if spec is not None:
+        if spec.policy == "merge":
+            stages = {st.block: st for st in sched.stages}
+            rs = config.merge_schedule(depth)
+            for i, blk in enumerate(model.blocks):
+                if rs[i] > 0:
+                    st = stages.get(i)
+                    blk.tps_stage = ReductionStage(i, st.kept if st else 0, rs[i], model.embed_dim, num_patches,
+                                                   "merge", "merge", "intra")
+        else:
+            stages = {st.block: st for st in sched.stages}
+            for j, i in enumerate(config.locations):
+                st = stages.get(i)
+                if st is None:  # keep ratio 1 at this stage: it reduces nothing
+                    continue
+                stage = ReductionStage(i, st.kept, st.removed, model.embed_dim, num_patches, spec.policy,
+                                       config.effective_treatment, spec.placement, config.seed)
+                stage.target = math.prod(config.stage_keep_ratios[: j + 1])  # cumulative ratio-loss target
+                model.blocks[i].tps_stage = stage
+        ref = next(model.parameters())
+        for blk in model.blocks:
+            if hasattr(blk, "tps_stage"):
+                blk.tps_stage.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    model.__class__ = _patched_class(type(model))
+    model.tps_config = config
+    model.tps_options = {"track_sources": track_sources, "grid": model.patch_embed.grid_size}
+    model.tps_schedule = sched
+    return model
+
+
+def remove(model: VisionTransformer) -> VisionTransformer:
+    """Undo `apply`: the original class, no added modules, outputs identical to the unpatched model."""
+    if not isinstance(model, TokenReductionMixin):
+        return model
+    for blk in model.blocks:
+        if hasattr(blk, "tps_stage"):
+            del blk.tps_stage
+    model.__class__ = model._tps_original_class
+    for name in ("tps_config", "tps_options", "tps_schedule", "tps_last_info"):
+        if name in model.__dict__:
+            delattr(model, name)
+    return model
+
+
+def last_info(model: VisionTransformer) -> ReductionInfo:
+    """Bookkeeping of the last forward pass of a patched model."""
+    info = getattr(model, "tps_last_info", None)
+    if info is None:
+        raise ValueError("model: no reduction info; apply() a config and run a forward pass first")
+    return info
+
+
+def ratio_loss(model: VisionTransformer) -> Tensor:
+    """DynamicViT's ratio loss (unweighted, 1/S sum over learned stages) for the last training forward."""
+    info = getattr(model, "tps_last_info", None)
+    if info is None or not info.decisions:
+        return next(model.parameters()).new_zeros(())
+    return ops.ratio_loss_terms(info.decisions, info.keep_targets)
+
+
+class track_sources:
+    """Context manager: record which input patches each token holds (for keep maps and tests)."""
+
+    def __init__(self, model: VisionTransformer) -> None:
+        self.model = model
+
+    def __enter__(self) -> VisionTransformer:
+        self._old = self.model.tps_options.get("track_sources", False)
+        self.model.tps_options["track_sources"] = True
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.tps_options["track_sources"] = self._old
+
+
+def _check_supported(model: VisionTransformer) -> None:
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise ValueError(f"model: block {i} is a {type(blk).__name__}; token reduction supports timm's Block")
+        if not isinstance(blk.attn, Attention):
+            raise ValueError(f"model: block {i} attention is a {type(blk.attn).__name__}; "
+                             "token reduction supports timm's Attention")
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError("model: attention-pool heads are not supported")
+
+
+def _coerce_config(config) -> tuple[ReductionConfig, str | None]:
+    if isinstance(config, ReductionConfig):
+        return config, None
+    if isinstance(config, dict):
+        data = config
+    else:
+        text = str(config)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise FileNotFoundError(f"config: {text!r} does not exist")
+            text = path.read_text()
+        data = json.loads(text)
+    backbone = None
+    if isinstance(data.get("reduction"), dict):
+        backbone = (data.get("backbone") or {}).get("timm_name") if isinstance(data.get("backbone"), dict) \
+            else data.get("backbone")
+        data = data["reduction"]
+    return ReductionConfig.from_dict(data), backbone
