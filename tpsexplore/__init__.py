@@ -1,10 +1,34 @@
-"""tpsexplore: profiling and design-space exploration of token reduction in timm vision transformers."""
-from .backbones import WeightsUnavailableError, create_backbone
-from .reduce import ReductionConfig, apply, last_info, method_names, remove, token_schedule
+"""tpsexplore: profiling and design-space exploration of token reduction in timm vision transformers.
+
+The public names are imported lazily, so `import tpsexplore.storage` (or a report) does not pay for
+torch and timm until a model is touched.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ReductionConfig", "WeightsUnavailableError", "__version__", "apply", "create_backbone", "last_info",
-    "method_names", "remove", "token_schedule",
-]
+_EXPORTS = {
+    "ReductionConfig": "tpsexplore.reduce.config",
+    "apply": "tpsexplore.reduce.patch",
+    "remove": "tpsexplore.reduce.patch",
+    "last_info": "tpsexplore.reduce.patch",
+    "track_sources": "tpsexplore.reduce.patch",
+    "token_schedule": "tpsexplore.reduce.schedule",
+    "method_names": "tpsexplore.reduce.methods",
+    "create_backbone": "tpsexplore.backbones",
+    "WeightsUnavailableError": "tpsexplore.backbones",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tpsexplore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

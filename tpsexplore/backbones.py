@@ -78,13 +78,18 @@ def create_backbone(
     kwargs = {**spec.overrides(), **timm_kwargs}
     timm_name = spec.timm_name
     if spec.weights == "pretrained":
-        try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
-            raise WeightsUnavailableError(
-                f"backbone: no pretrained weights for {name!r} ({timm_name}): the timm hub could not be reached "
-                f"({type(exc).__name__}). Pass checkpoint=PATH (.pth, .pt or .safetensors), or ask for "
-                "weights='random' to start from random init") from None
+        cached = _cached_hub_file(timm_name)
+        if cached is not None:  # in the local hub cache: no network needed
+            model = timm.create_model(timm_name, pretrained=False, **kwargs)
+            load_checkpoint(model, cached)
+        elif not _hub_reachable():
+            raise WeightsUnavailableError(_no_weights(name, timm_name, "the timm hub cannot be reached"))
+        else:
+            try:
+                model = timm.create_model(timm_name, pretrained=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
+                raise WeightsUnavailableError(_no_weights(name, timm_name, f"download failed: {type(exc).__name__}")) \
+                    from None
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     if not isinstance(model, VisionTransformer):
@@ -93,6 +98,46 @@ def create_backbone(
         load_checkpoint(model, spec.checkpoint)
     model.tps_backbone = spec  # provenance, read by measurement and export
     return model
+
+
+def _no_weights(name: str, timm_name: str, why: str) -> str:
+    return (f"backbone: no pretrained weights for {name!r} ({timm_name}): {why}. Pass checkpoint=PATH "
+            "(.pth, .pt or .safetensors), or ask for weights='random' to start from random init")
+
+
+def _cached_hub_file(timm_name: str) -> str | None:
+    """Path of the pretrained weights in the local Hugging Face cache, if they are there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
+    except Exception:  # noqa: BLE001 - no hub id or no huggingface_hub: treat as not cached
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint, so offline machines fail fast instead of retrying."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+        if constants.HF_HUB_OFFLINE:
+            return False
+    except Exception:  # noqa: BLE001
+        return False
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
