@@ -1,0 +1,1 @@
+"""Measuring timm ViTs: throughput, GPU/CPU telemetry, environment records and other costs."""
