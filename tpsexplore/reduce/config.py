@@ -20,7 +20,8 @@ class ReductionConfig:
     relative to the tokens alive before that stage; how it becomes a count is the method's count rule
     (``methods.MethodSpec``). ToMe uses ``r`` (constant), ``r`` with ``r_inflection`` (ToMe's (r, alpha)
     schedule) or ``r_schedule`` (one r per block) instead of keep ratios; its locations default to
-    every block.
+    every block. similarity_with_pos scores the 'pre' placement on patch embeddings plus the position
+    embedding (default: content only); 'layerwise' always scores the current tokens.
     """
 
     method: str = "none"

@@ -150,7 +150,7 @@ def diverse_topk(scores: Tensor, k: int, coords: Tensor, weight: float, rounds: 
         total = (base + weight * nearest).masked_fill(taken, -math.inf)
         idx = total.topk(size, dim=-1).indices
         picked.append(idx)
-        taken = taken.scatter(1, idx, True)
+        taken = taken.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))
         dist = torch.cdist(coords, gather_tokens(coords, idx)).amin(dim=-1) / diag
         nearest = torch.minimum(nearest, dist)
     keep = torch.cat(picked, dim=1)
@@ -162,17 +162,18 @@ def diverse_topk(scores: Tensor, k: int, coords: Tensor, weight: float, rounds: 
 def attention_rollout(attentions: list[Tensor], num_prefix: int = 1) -> Tensor:
     """Rollout (Abnar & Zuidema): R = prod_l norm(0.5 A_l + 0.5 I), head-mean A_l; cls row over patches.
 
-    attentions: per block (B, H, N, N) post-softmax. Returns (B, N - num_prefix).
+    attentions: per block (B, H, N, N) post-softmax. Only the class row of R is needed, so it is carried
+    backwards from the last block as a (B, 1, N) row (N^2 per block instead of N^3).
+    Returns (B, N - num_prefix).
     """
-    a0 = attentions[0]
-    n = a0.shape[-1]
-    eye = torch.eye(n, device=a0.device, dtype=torch.float32)
-    rollout = eye.expand(a0.shape[0], n, n)
-    for attn in attentions:
+    n = attentions[0].shape[-1]
+    eye = torch.eye(n, device=attentions[0].device, dtype=torch.float32)
+    row = None
+    for attn in reversed(attentions):
         a = 0.5 * attn.float().mean(dim=1) + 0.5 * eye
         a = a / a.sum(dim=-1, keepdim=True)
-        rollout = a @ rollout
-    return rollout[:, 0, num_prefix:]
+        row = a[:, :1] if row is None else row @ a
+    return row[:, 0, num_prefix:]
 
 
 # ----------------------------------------------------------------------------- ToMe

@@ -247,7 +247,8 @@ def _grid_coords(s: TokenState) -> Tensor:
 def _rollout_scores(model: VisionTransformer, x: Tensor) -> Tensor:
     """The full scoring pass of attention rollout: unreduced blocks with explicit attention maps."""
     attentions = []
-    for blk in model.blocks:
+    last = len(model.blocks) - 1
+    for i, blk in enumerate(model.blocks):
         attn = blk.attn
         h = blk.norm1(x)
         b, n, _ = h.shape
@@ -255,6 +256,8 @@ def _rollout_scores(model: VisionTransformer, x: Tensor) -> Tensor:
         q, k = attn.q_norm(q), attn.k_norm(k)
         a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         attentions.append(a)
+        if i == last:  # the scores need only this attention map; the rest of the block feeds nothing
+            break
         out = (a @ v).transpose(1, 2).reshape(b, n, attn.attn_dim)
         x = x + blk.ls1(attn.proj(attn.norm(out)))
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
