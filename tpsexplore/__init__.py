@@ -19,6 +19,11 @@ _EXPORTS = {
     "method_names": "tpsexplore.reduce.methods",
     "create_backbone": "tpsexplore.backbones",
     "WeightsUnavailableError": "tpsexplore.backbones",
+    "load_trials": "tpsexplore.report",
+    "pareto_front": "tpsexplore.report",
+    "export_trial": "tpsexplore.report",
+    "load_deployment": "tpsexplore.report",
+    "build_report": "tpsexplore.report",
 }
 
 __all__ = ["__version__", *_EXPORTS]

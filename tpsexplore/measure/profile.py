@@ -1,0 +1,203 @@
+"""Profile one reduction config: GMACs, parameters, throughput, energy and accuracy, with provenance.
+
+`profile(ProfileConfig)` returns one JSON-ready dict; `format_profile` renders it as the table that
+`tpsexplore profile` prints.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..backbones import create_backbone
+from ..reduce import ReductionConfig, apply
+from .data import DataSpec, build_datasets
+from .environment import environment_info
+from .flops import analytic_macs, analytic_params, geometry_from_model, traced_macs
+from .throughput import ThroughputConfig, measure_pair, resolve_device
+from .train import FinetuneConfig, evaluate, finetune, proxy_backbone
+
+
+@dataclass
+class ProfileConfig:
+    """What to profile and how hard to measure it.
+
+    data None uses the offline digits proxy task with proxy-pretrained weights (trained once, cached);
+    with data, weights come from the timm hub (``weights='pretrained'``), a ``checkpoint`` or random init.
+    finetune_steps 0 skips the fine-tune (zero-shot only).
+    """
+
+    backbone: str
+    reduction: ReductionConfig
+    data: str | None = None
+    labels: str | None = None
+    checkpoint: str | None = None
+    weights: str = "pretrained"
+    finetune_steps: int = 50
+    finetune_batch: int = 64
+    distill: bool = False
+    device: str = "auto"
+    batch_sizes: tuple[int, ...] | None = None
+    dtypes: tuple[str, ...] | None = None
+    window_s: float | None = None
+    windows: int | None = None
+    val_limit: int | None = None
+    train_limit: int | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps: {self.finetune_steps} must be >= 0")
+        if self.data is not None and self.weights == "pretrained" and self.checkpoint:
+            self.weights = "checkpoint"
+
+    def throughput_config(self, device: torch.device) -> ThroughputConfig:
+        """The protocol's defaults on GPU; shorter windows and fewer cells on CPU, to stay interactive."""
+        gpu = device.type == "cuda"
+        return ThroughputConfig(
+            batch_sizes=tuple(self.batch_sizes or ((1, 64, 256) if gpu else (1, 64))),
+            dtypes=tuple(self.dtypes or (("fp32", "bf16", "fp16") if gpu else ("fp32", "bf16"))),
+            window_s=self.window_s if self.window_s is not None else (2.0 if gpu else 0.5),
+            windows=self.windows if self.windows is not None else (5 if gpu else 3),
+            warmup_s=1.0, device=str(device), progress=self.progress)
+
+
+def load_model_and_data(cfg: ProfileConfig) -> tuple[torch.nn.Module, Any, Any, dict[str, Any], dict[str, Any]]:
+    """The unreduced backbone with its weights, and (train, val) data with their descriptions."""
+    if cfg.data is None:
+        model, winfo = proxy_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir, progress=cfg.progress)
+        spec = DataSpec(**{**winfo["data_spec"], "val_limit": cfg.val_limit, "train_limit": cfg.train_limit})
+        weights = {"source": "proxy", "note": winfo["weights_note"], "checkpoint": winfo.get("checkpoint"),
+                   "proxy_val_top1": winfo.get("val_top1")}
+    else:
+        spec = DataSpec(path=cfg.data, labels=cfg.labels, seed=cfg.seed, val_limit=cfg.val_limit,
+                        train_limit=cfg.train_limit)
+        model = create_backbone(cfg.backbone, weights=cfg.weights, checkpoint=cfg.checkpoint)
+        weights = {"source": cfg.weights, "checkpoint": cfg.checkpoint,
+                   "note": {"pretrained": "timm hub weights", "checkpoint": "local checkpoint",
+                            "random": "random init (not pretrained)"}[cfg.weights]}
+    train, val, dinfo = build_datasets(spec, model)
+    return model, train, val, dinfo, weights
+
+
+def profile(cfg: ProfileConfig) -> dict[str, Any]:
+    """Measure one config beside its unreduced baseline; every number carries how it was obtained."""
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    baseline, train, val, data_info, weights = load_model_and_data(cfg)
+    baseline.eval()
+    geo = geometry_from_model(baseline)
+    cfg.reduction.validate(geo.depth)
+    model = apply(copy.deepcopy(baseline), cfg.reduction).eval()
+    base_macs, red_macs = analytic_macs(ReductionConfig(), geo), analytic_macs(cfg.reduction, geo)
+    traced = traced_macs(model)
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, geo.img_size, geo.img_size))
+    counts = [list(c) for c in model.tps_last_info.token_counts]
+    result: dict[str, Any] = {
+        "backbone": {"name": cfg.backbone, "timm_name": getattr(baseline, "tps_backbone").timm_name,
+                     "img_size": geo.img_size, "patch_size": geo.patch_size, "num_classes": geo.num_classes,
+                     "num_patches": geo.num_patches},
+        "reduction": cfg.reduction.to_dict(),
+        "label": cfg.reduction.label,
+        "token_counts": counts,
+        "gmacs": {"baseline": base_macs.gmacs, "analytic": red_macs.gmacs, "traced": traced.gmacs,
+                  "ratio": red_macs.gmacs / base_macs.gmacs, "counter": "fvcore+sdpa (traced), closed form (analytic)",
+                  "breakdown": red_macs.as_dict()},
+        "params": {"baseline": analytic_params(ReductionConfig(), geo).total,
+                   "model": analytic_params(cfg.reduction, geo).total},
+        "data": data_info,
+        "weights": weights,
+    }
+    _say(cfg, "measuring throughput (reduced model beside the unreduced baseline)")
+    pair = measure_pair(baseline, model, cfg.throughput_config(device), baseline_label="baseline", label=cfg.reduction.label)
+    result["throughput"] = [_throughput_row(b, m) for b, m in zip(pair.baseline, pair.model)]
+    result["speedups"] = [asdict(s) for s in pair.speedups]
+    _say(cfg, "evaluating zero-shot accuracy (no fine-tune)")
+    zero = evaluate(model, val, progress=cfg.progress, device=device)
+    result["accuracy"] = {"baseline": evaluate(baseline, val, progress=cfg.progress, device=device),
+                          "zero_shot": zero}
+    if cfg.finetune_steps:
+        ft_cfg = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, seed=cfg.seed,
+                                device=str(device), progress=cfg.progress)
+        record = finetune(model, train, val, ft_cfg, teacher=baseline if cfg.distill else None)
+        result["accuracy"]["finetuned"] = {k: record[k] for k in ("top1", "top5", "n")}
+        result["finetune"] = {k: v for k, v in record.items() if k not in ("losses",)}
+    result["environment"] = environment_info(device)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _throughput_row(base, red) -> dict[str, Any]:
+    return {"batch_size": red.batch_size, "dtype": red.dtype, "device": red.device, "status": red.status,
+            "images_per_s": red.images_per_s, "baseline_images_per_s": base.images_per_s,
+            "speedup": (red.images_per_s / base.images_per_s) if red.ok and base.ok and base.images_per_s else None,
+            "latency_ms": red.latency_ms, "spread": [red.images_per_s_min, red.images_per_s_max],
+            "peak_mem_bytes": red.peak_mem_bytes, "joules_per_image": red.joules_per_image,
+            "baseline_joules_per_image": base.joules_per_image, "error": red.error,
+            "telemetry": red.telemetry.to_dict() if red.telemetry is not None else None}
+
+
+def _say(cfg: ProfileConfig, text: str) -> None:
+    if cfg.progress:
+        print(f"profile: {text}", file=sys.stderr, flush=True)
+
+
+def format_profile(r: dict[str, Any]) -> str:
+    """The readable table that `tpsexplore profile` prints."""
+    g, acc = r["gmacs"], r["accuracy"]
+    env = r["environment"]
+    lines = [
+        f"tpsexplore profile: {r['backbone']['name']} ({r['backbone']['timm_name']}, {r['backbone']['img_size']}px, "
+        f"patch {r['backbone']['patch_size']}) — {r['label']}",
+        f"  data     {r['data'].get('note') or r['data'].get('source')}",
+        f"  weights  {r['weights']['note']}",
+        f"  tokens   {' -> '.join(str(n) for n in _distinct(r['token_counts']))} (per block: "
+        f"{', '.join(f'{a}/{m}' for a, m in r['token_counts'])})",
+        "",
+        f"  {'GMACs':<22}{g['analytic']:.4f} analytic, {g['traced']:.4f} traced (fvcore + SDPA); "
+        f"baseline {g['baseline']:.4f}; ratio {g['ratio']:.3f}",
+        f"  {'parameters':<22}{r['params']['model'] / 1e6:.3f} M (baseline {r['params']['baseline'] / 1e6:.3f} M)",
+        "",
+        f"  {'batch':>6} {'dtype':>6} {'device':>8} {'img/s':>10} {'baseline':>10} {'speed-up':>9} {'latency ms':>11} "
+        f"{'J/img':>8}",
+    ]
+    for t in r["throughput"]:
+        if t["status"] != "ok":
+            lines.append(f"  {t['batch_size']:>6} {t['dtype']:>6} {t['device']:>8}   {t['status']}: {t['error'] or ''}")
+            continue
+        jpi = f"{t['joules_per_image']:.4f}" if t["joules_per_image"] is not None else "n/a (CPU)"
+        lines.append(f"  {t['batch_size']:>6} {t['dtype']:>6} {t['device']:>8} {t['images_per_s']:>10.1f} "
+                     f"{t['baseline_images_per_s']:>10.1f} {t['speedup']:>8.2f}x {t['latency_ms']:>11.2f} {jpi:>8}")
+    lines += ["", f"  {'accuracy':<22}{'top-1':>8} {'top-5':>8}"]
+    for name in ("baseline", "zero_shot", "finetuned"):
+        if name in acc:
+            lines.append(f"  {name.replace('_', '-'):<22}{100 * acc[name]['top1']:>7.2f}% {100 * acc[name]['top5']:>7.2f}%"
+                         f"  (n={acc[name]['n']})")
+    if "finetune" in r:
+        f = r["finetune"]
+        lines.append(f"  {'fine-tune':<22}{f['steps']} steps, batch {f['batch_size']}, lr {f['lr']:.3g}, "
+                     f"{f['train_seconds']:.1f} s on {f['device']}")
+    lines += ["", f"  measured on: {env.get('gpu_name') or env.get('cpu_model')} ({env.get('device')}), "
+                  f"{env.get('logical_cores', '?')} cores, torch {env.get('torch')} (threads {env.get('torch_threads')}), "
+                  f"timm {env.get('timm')}, CUDA {env.get('cuda_runtime') if env.get('cuda_available') else 'not used'}, "
+                  f"driver {env.get('gpu_driver') or 'n/a'}, python {env.get('python')}, {env.get('os')}, "
+                  f"commit {str(env.get('git_commit'))[:10]}",
+              f"  took {r['seconds']:.1f} s"]
+    return "\n".join(lines)
+
+
+def _distinct(counts: list[list[int]]) -> list[int]:
+    out: list[int] = []
+    for a, m in counts:
+        for n in (a, m):
+            if not out or out[-1] != n:
+                out.append(n)
+    return out

@@ -1,0 +1,293 @@
+"""Export one trial of a study as a deployment config that `tpsexplore.apply(model, "config.json")` reads.
+
+    {"format": "tpsexplore-deployment/1",
+     "reduction": {...ReductionConfig...},
+     "backbone": {"name", "timm_name", "img_size", "patch_size", "num_classes", ...},
+     "measurements": {"gmacs@analytic": {"value": 0.18, "unit": "GMACs", "fidelity": "analytic", ...}, ...},
+     "tokens": [[attention tokens, MLP tokens] per block, on the backbone's geometry],
+     "hardware": {...}, "versions": {...},
+     "study": {"name", "path", "results_db", "budget", "objectives", "data", "weights", "fidelity"},
+     "trial": N, "label": "...", "weights": "path or null"}
+
+A trial is chosen by number (``trial=N``) or by a rule (``pick="max-accuracy"``) with optional limits
+``max_gmacs``, ``min_throughput`` (img/s at ``batch_size``, default the study's largest) and
+``max_latency_ms`` (batch 1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..reduce import ReductionConfig, token_schedule
+from ..storage import ResultsStore
+from .frame import StudyData, open_study, runtime_columns
+from .model import backbone_description, backbone_geometry, build_model, with_weight_geometry
+
+FORMAT = "tpsexplore-deployment/1"
+PICK_RULES = ("max-accuracy",)
+HARDWARE_KEYS = ("device", "gpu_name", "gpu_uuid", "gpu_driver", "gpu_cuda_driver", "gpu_capability",
+                 "gpu_memory_bytes", "gpu_sm_count", "gpu_power_limit_w", "gpu_max_sm_clock_mhz", "cpu_model",
+                 "cpu_arch", "logical_cores", "usable_cores", "torch_threads", "torch_interop_threads", "os",
+                 "hostname", "cuda_available", "cuda_device_count")
+VERSION_KEYS = ("python", "python_implementation", "torch", "torchvision", "timm", "optuna", "fvcore", "numpy",
+                "nvidia_ml_py", "cuda_runtime", "cudnn", "tpsexplore", "git_commit", "git_dirty",
+                "tf32_matmul", "tf32_cudnn", "cudnn_benchmark", "float32_matmul_precision")
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+        try:
+            return v.item()
+        except (ValueError, AttributeError):
+            return str(v)
+    if isinstance(v, (pd.Timestamp, datetime)):
+        return v.isoformat()
+    return v
+
+
+# ----------------------------------------------------------------------------- choosing a trial
+def select_trial(df: pd.DataFrame, trial: int | None = None, pick: str | None = None, *,
+                 max_gmacs: float | None = None, min_throughput: float | None = None,
+                 max_latency_ms: float | None = None, batch_size: int | None = None,
+                 study: str = "the study") -> pd.Series:
+    """The row of trial ``trial``, or the best trial by ``pick`` under the given limits (ValueError if none).
+
+    Without limits ``max-accuracy`` considers the trials within the study's budget; any limit replaces the
+    budget by that limit. The unreduced baseline is never picked.
+    """
+    if df.empty:
+        raise ValueError(f"study: {study!r} has no trials; run `tpsexplore search` first")
+    if trial is not None and pick is not None:
+        raise ValueError("trial: give either --trial N or --pick RULE, not both")
+    if trial is not None:
+        rows = df[df["number"] == int(trial)]
+        if rows.empty:
+            nums = sorted(int(n) for n in df["number"])
+            raise ValueError(f"trial: {trial} does not exist in study {study!r}; trials are "
+                             f"{_ranges(nums)}")
+        row = rows.iloc[0]
+        if row["state"] != "complete":
+            why = f" ({row['reason']})" if isinstance(row.get("reason"), str) and row["reason"] else ""
+            raise ValueError(f"trial: {trial} is {row['state']}{why}; only complete trials can be exported")
+        return row
+    pick = pick or "max-accuracy"
+    if pick not in PICK_RULES:
+        raise ValueError(f"pick: {pick!r} is not a rule; allowed: {', '.join(PICK_RULES)}")
+    cand = df[df["usable"] & ~df["is_baseline"]]
+    if cand.empty:
+        raise ValueError(f"study: {study!r} has no complete trial with an accuracy to pick from")
+    limits = []
+    if max_gmacs is not None:
+        cand = cand[cand["gmacs"] <= max_gmacs + 1e-12]
+        limits.append(f"GMACs <= {max_gmacs:g}")
+    if min_throughput is not None:
+        col = _runtime_column(df, "throughput", batch_size)
+        cand = cand[cand[col] >= min_throughput]
+        limits.append(f"{col} >= {min_throughput:g} img/s")
+    if max_latency_ms is not None:
+        col = _runtime_column(df, "latency_ms", 1)
+        cand = cand[cand[col] <= max_latency_ms]
+        limits.append(f"{col} <= {max_latency_ms:g} ms")
+    if not limits:
+        cand = cand[cand["within_budget"]]
+        limits.append("within the study's budget")
+    if cand.empty:
+        raise ValueError(f"pick: no complete trial of study {study!r} satisfies {' and '.join(limits)}; "
+                         f"{_closest(df, max_gmacs, min_throughput, max_latency_ms, batch_size)}")
+    best = cand.sort_values(["accuracy", "gmacs", "number"], ascending=[False, True, True], kind="stable")
+    return best.iloc[0]
+
+
+def _runtime_column(df: pd.DataFrame, kind: str, batch_size: int | None) -> str:
+    cols = runtime_columns(df, kind)
+    if batch_size is not None:
+        cols = [c for c in cols if c.batch_size == batch_size]
+    if not cols:
+        what = "throughput" if kind == "throughput" else "batch-1 latency"
+        bs = f" at batch {batch_size}" if batch_size is not None and kind == "throughput" else ""
+        raise ValueError(f"pick: the study has no {what} measurements{bs}; drop that limit or measure it")
+    return cols[-1].column
+
+
+def _closest(df: pd.DataFrame, max_gmacs: float | None, min_tp: float | None, max_lat: float | None,
+             batch_size: int | None) -> str:
+    ok = df[df["usable"] & ~df["is_baseline"]]
+    bits = []
+    if max_gmacs is not None and len(ok):
+        bits.append(f"smallest GMACs is {ok['gmacs'].min():.4g}")
+    if min_tp is not None and len(ok):
+        col = _runtime_column(df, "throughput", batch_size)
+        bits.append(f"largest throughput is {ok[col].max():.4g} img/s")
+    if max_lat is not None and len(ok):
+        col = _runtime_column(df, "latency_ms", 1)
+        bits.append(f"smallest latency is {ok[col].min():.4g} ms")
+    if not bits:
+        bits.append("no complete trial is within the budget")
+    return "; ".join(bits)
+
+
+def _ranges(nums: list[int]) -> str:
+    if not nums:
+        return "none"
+    parts, start, prev = [], nums[0], nums[0]
+    for n in nums[1:] + [None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}..{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the config
+def trial_config(row: pd.Series) -> ReductionConfig:
+    """The ReductionConfig stored with a trial (``config.*`` columns of the trials frame)."""
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(ReductionConfig)}
+    data: dict[str, Any] = {}
+    for col, value in row.items():
+        if not (isinstance(col, str) and col.startswith("config.")):
+            continue
+        key = col[len("config."):]
+        value = _json_value(value)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # a field this trial's config did not set (pandas fills it with NaN)
+        default = defaults.get(key)
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(default, bool):
+            value = bool(value)
+        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
+            value = int(value)  # pandas turns integer columns with gaps into floats
+        data[key] = value
+    if not data:
+        raise ValueError(f"trial: {row.get('number')} has no stored config")
+    return ReductionConfig.from_dict(data)
+
+
+def trial_measurements(data: StudyData, trial_id: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(measurements by column, hardware, versions) of one trial, from the results store."""
+    with ResultsStore(data.db) as store:
+        meas = store.measurements_frame(data.study, trial_id=int(trial_id))
+        envs = {int(e): store.environment(int(e)) for e in meas["environment_id"].dropna().unique()}
+    out: dict[str, Any] = {}
+    for _, m in meas.iterrows():
+        item = {k: _json_value(m[k]) for k in ("value", "unit", "kind", "fidelity", "provenance", "batch_size",
+                                               "dtype", "device")}
+        item = {k: v for k, v in item.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        if isinstance(m.get("extra"), dict) and m["extra"]:
+            item["extra"] = m["extra"]
+        out[m["column"]] = item  # newest wins, as in trials_frame
+    env: dict[str, Any] = {}
+    for content in envs.values():
+        env.update(content)
+    if not env:
+        env = data.settings.get("environment") or {}
+    hardware = {k: env.get(k) for k in HARDWARE_KEYS if k in env}
+    versions = {k: env.get(k) for k in VERSION_KEYS if k in env} or dict(data.settings.get("versions") or {})
+    return out, hardware, versions
+
+
+def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
+    """The deployment config (module docstring) of one trial row of ``data.trials``."""
+    config = trial_config(row)
+    backbone = backbone_description(data.settings, data.study.backbone)
+    measurements, hardware, versions = trial_measurements(data, int(row["trial_id"]))
+    weights = data.weights_path(int(row["number"]))
+    if weights is not None and not all(backbone.get(k) for k in ("img_size", "patch_size", "num_classes")):
+        backbone = with_weight_geometry(backbone, weights)
+    geo = backbone_geometry(backbone)
+    sched = token_schedule(config, geo.num_patches, geo.num_prefix, geo.depth)
+    tokens = [list(b) for b in sched.blocks]
+    fidelity = data.settings.get("fidelity")
+    cfg = {
+        "format": FORMAT,
+        "reduction": config.to_dict(),
+        "label": config.label,
+        "backbone": backbone,
+        "measurements": measurements,
+        "tokens": tokens,
+        "hardware": hardware,
+        "versions": versions,
+        "study": {"name": data.name, "path": str(data.root) if data.root else None, "results_db": data.db,
+                  "budget": data.budget, "budget_gmacs": data.budget_gmacs, "objectives": data.objectives,
+                  "data": data.data, "weights": data.settings.get("weights"),
+                  "fidelity": fidelity, "accuracy_column": data.trials.attrs.get("accuracy_column")},
+        "trial": int(row["number"]),
+        "variant": row.get("variant"),
+        "trial_weights": str(weights) if weights else None,
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return json.loads(json.dumps(cfg, default=_json_value))  # plain JSON types only (no numpy scalars)
+
+
+def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+                 trial: int | None = None, pick: str | None = None, max_gmacs: float | None = None,
+                 min_throughput: float | None = None, max_latency_ms: float | None = None,
+                 batch_size: int | None = None, weights: str | os.PathLike[str] | None = None,
+                 study_name: str | None = None) -> dict[str, Any]:
+    """Choose a trial (by number or rule), write its deployment config to ``out`` and return it.
+
+    ``weights`` also writes the trial's fine-tuned weights there (.safetensors copies the file, .pth/.pt
+    saves a torch state dict); ValueError when the study did not keep that trial's weights.
+    """
+    data = open_study(study, study_name)
+    if trial is None and pick is None:
+        pick = "max-accuracy"
+    row = select_trial(data.trials, trial, pick, max_gmacs=max_gmacs, min_throughput=min_throughput,
+                       max_latency_ms=max_latency_ms, batch_size=batch_size, study=data.name)
+    number = int(row["number"])
+    src = data.weights_path(number)
+    if weights is not None and src is None:
+        where = data.root / "weights" if data.root else "the study directory (a bare database was given)"
+        raise ValueError(f"weights: trial {number} of study {data.name!r} has no saved weights in {where}; "
+                         "the search keeps fine-tuned weights of complete fine-tuned trials only")
+    cfg = deployment_config(data, row)
+    if weights is not None:
+        dst = Path(weights)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.suffix == src.suffix:
+            shutil.copyfile(src, dst)
+        elif dst.suffix in (".pth", ".pt"):
+            import torch
+
+            from ..backbones import read_state_dict
+            torch.save(read_state_dict(src), dst)
+        else:
+            raise ValueError(f"weights: {str(dst)!r} must end in .safetensors, .pth or .pt")
+        cfg["weights"] = str(dst)
+    if out is not None:
+        p = Path(out)
+        if p.is_dir():
+            raise ValueError(f"out: {str(p)!r} is a directory; give a file name such as config.json")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(cfg, indent=2, default=_json_value) + "\n")
+    return cfg
+
+
+def load_deployment(path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None,
+                    device: str = "cpu") -> Any:
+    """Build the reduced model a deployment config describes (random init unless ``weights`` is given;
+    by default the config's own ``weights`` file when it exists)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config: {str(p)!r} does not exist")
+    cfg = json.loads(p.read_text())
+    if "reduction" not in cfg or "backbone" not in cfg:
+        raise ValueError(f"config: {str(p)!r} is not a deployment config (needs 'reduction' and 'backbone')")
+    if weights is None and cfg.get("weights") and Path(cfg["weights"]).is_file():
+        weights = cfg["weights"]
+    return build_model(cfg["backbone"], cfg["reduction"], weights, device)
+
+

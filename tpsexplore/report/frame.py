@@ -1,0 +1,403 @@
+"""Opening a study (a study directory or a results database) and reading its trials as one DataFrame.
+
+A study directory is what ``tpsexplore search`` writes (docs/HELPERS.md, contracts): ``results.db``,
+``optuna.journal``, ``study.json`` and ``weights/trial_<n>.safetensors``. A bare results database (file or
+URL) works too; then the settings come from the store's study row alone and nothing needs the directory.
+
+`load_trials` returns the store's ``trials_frame`` plus a few derived columns that every report view uses:
+
+- ``variant``: method, or ``method+treatment`` when a non-default treatment was searched;
+- ``accuracy``: top-1 at the study's fidelity (``accuracy_top1@finetuned`` if the study fine-tuned, else
+  ``@zero_shot``; the best-populated one when the study does not say);
+- ``gmacs``: GMACs (``gmacs@analytic``, else ``gmacs@traced``, else the trial's ``analytic_gmacs``);
+- ``is_baseline``: the unreduced reference trial (method ``none``);
+- ``usable``: complete trials with a value in ``accuracy`` and ``gmacs``;
+- ``within_budget``: usable trials that meet the budget (the store's ``feasible`` flag when set, else
+  ``constraint_value <= 0``, else True).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..storage import ResultsStore, Study
+
+DB_NAME = "results.db"
+JOURNAL_NAME = "optuna.journal"
+SETTINGS_NAME = "study.json"
+WEIGHTS_DIR = "weights"
+ACCURACY_FIDELITIES = ("finetuned", "zero_shot")
+GMACS_COLUMNS = ("gmacs@analytic", "gmacs@traced")
+
+_THROUGHPUT_RE = re.compile(r"^(?P<kind>throughput|latency_ms|speedup|joules_per_image|peak_mem_bytes)@"
+                            r"(?:(?P<fidelity>[^/]+)/)?bs(?P<bs>\d+)(?:/(?P<dtype>[^/]+))?(?:/(?P<device>.+))?$")
+
+
+@dataclass
+class StudyData:
+    """Everything a report or an export reads from one study.
+
+    root: the study directory (None for a bare database); db: the results database path or URL;
+    settings: study.json (or, without it, the store row's settings plus its fields); trials: `load_trials`.
+    """
+
+    name: str
+    db: str
+    root: Path | None
+    study: Study
+    settings: dict[str, Any]
+    trials: pd.DataFrame
+
+    # ------------------------------------------------------------------ provenance
+    def backbone_description(self) -> dict[str, Any]:
+        """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ...}`` as far as the study says."""
+        from .model import backbone_description
+
+        return backbone_description(self.settings, self.study.backbone)
+
+    @property
+    def data(self) -> Any:
+        d = self.settings.get("data", self.study.data)
+        if isinstance(d, str):
+            try:
+                parsed = json.loads(d)
+                return parsed if isinstance(parsed, dict) else d
+            except ValueError:
+                return d
+        return d
+
+    @property
+    def is_proxy(self) -> bool:
+        """True unless the study says it ran on real data."""
+        return data_kind(self.data) != "real"
+
+    @property
+    def is_imagenet(self) -> bool:
+        return is_imagenet(self.data)
+
+    @property
+    def budget(self) -> float | None:
+        b = self.settings.get("budget", self.study.budget)
+        if isinstance(b, dict):
+            b = b.get("fraction", b.get("value"))
+        try:
+            return None if b is None else float(b)
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def objectives(self) -> list[str]:
+        o = self.settings.get("objectives") or list(self.study.objectives)
+        if isinstance(o, str):
+            o = [o]
+        out = []
+        for item in o:
+            if isinstance(item, dict):  # {"name": ..., "direction": ...}
+                out.append(f"{item.get('name') or item.get('kind')}:{item.get('direction', 'maximize')}")
+            else:
+                out.append(str(item))
+        return out
+
+    @property
+    def optuna_storage(self) -> str | None:
+        """The Optuna storage URL or journal path (study.json, else ``optuna.journal`` beside the database)."""
+        s = self.settings.get("optuna_storage") or self.settings.get("storage")
+        if isinstance(s, dict):
+            s = s.get("url") or s.get("path")
+        local = self.root / JOURNAL_NAME if self.root is not None else None
+        if s:
+            s = str(s).removeprefix("journal:")
+            if "://" in s or Path(s).exists():
+                return s
+            if self.root is not None and (self.root / s).exists():
+                return str(self.root / s)
+            # a study directory that was moved or copied: its journal is still beside results.db
+            return str(local) if local is not None and local.exists() else s
+        return str(local) if local is not None and local.exists() else None
+
+    @property
+    def optuna_study_name(self) -> str:
+        return str(self.settings.get("optuna_study_name") or self.settings.get("study_name") or self.name)
+
+    def weights_path(self, number: int) -> Path | None:
+        """Path of trial ``number``'s fine-tuned weights when the study kept them, else None."""
+        if self.root is None:
+            return None
+        for ext in (".safetensors", ".pth", ".pt"):
+            p = self.root / WEIGHTS_DIR / f"trial_{number}{ext}"
+            if p.is_file():
+                return p
+        return None
+
+    @property
+    def baseline_row(self) -> pd.Series | None:
+        base = self.trials[self.trials["is_baseline"]]
+        if base.empty:
+            return None
+        done = base[base["state"] == "complete"]
+        return (done if len(done) else base).iloc[0]
+
+    @property
+    def baseline_gmacs(self) -> float | None:
+        row = self.baseline_row
+        if row is not None and pd.notna(row.get("gmacs")):
+            return float(row["gmacs"])
+        for key in ("baseline_gmacs",):
+            v = self.settings.get(key) or (self.settings.get("space") or {}).get(key)
+            if v:
+                return float(v)
+        return None
+
+    @property
+    def budget_gmacs(self) -> float | None:
+        space = self.settings.get("space") or {}
+        if isinstance(space, dict) and space.get("budget_gmacs"):
+            return float(space["budget_gmacs"])
+        if self.budget is not None and self.baseline_gmacs is not None:
+            return self.budget * self.baseline_gmacs
+        return None
+
+
+def data_kind(data: Any) -> str:
+    """'proxy' for the offline proxy task, 'real' for real images, 'unknown' when the study does not say."""
+    if isinstance(data, dict):
+        if data.get("proxy") is True:
+            return "proxy"
+        if data.get("proxy") is False:
+            return "real"
+        text = " ".join(str(data.get(k) or "") for k in ("kind", "source", "type", "name", "note")).lower()
+    else:
+        text = str(data or "").lower()
+    if "proxy" in text or "digit" in text:
+        return "proxy"
+    if any(w in text for w in ("imagenet", "imagefolder", "labels", "real")):
+        return "real"
+    if isinstance(data, dict) and data.get("path"):
+        return "real"
+    return "unknown"
+
+
+def is_imagenet(data: Any) -> bool:
+    """Real ImageNet-1k images: real data with 1,000 classes (or named ImageNet)."""
+    if data_kind(data) != "real":
+        return False
+    if isinstance(data, dict):
+        if data.get("num_classes") is not None:
+            return int(data["num_classes"]) == 1000
+        return "imagenet" in json.dumps(data, default=str).lower()
+    return "imagenet" in str(data).lower()
+
+
+# ----------------------------------------------------------------------------- opening
+def _locate(path: str | os.PathLike[str]) -> tuple[str, Path | None]:
+    """(database path or URL, study directory or None) for a study directory, a database file or a URL."""
+    text = os.fspath(path)
+    if "://" in text:
+        return text, None
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"study: {text!r} does not exist; give a study directory (with {DB_NAME}) "
+                                "or a results database")
+    if p.is_dir():
+        db = p / DB_NAME
+        if not db.is_file():
+            raise FileNotFoundError(f"study: directory {text!r} has no {DB_NAME}; give the folder that "
+                                    "`tpsexplore search` wrote (DIR/NAME) or a results database")
+        return str(db), p
+    root = p.parent if (p.parent / SETTINGS_NAME).is_file() else None
+    return str(p), root
+
+
+def _read_settings(root: Path | None) -> dict[str, Any]:
+    if root is None or not (root / SETTINGS_NAME).is_file():
+        return {}
+    try:
+        data = json.loads((root / SETTINGS_NAME).read_text())
+    except ValueError as e:
+        raise ValueError(f"study.json: {str(root / SETTINGS_NAME)!r} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def open_study(path: str | os.PathLike[str], study: str | None = None) -> StudyData:
+    """Open a study directory, a results database file or URL; ``study`` picks one of several studies.
+
+    Raises FileNotFoundError for a missing path, ValueError when the database holds no study or several
+    and none was named.
+    """
+    db, root = _locate(path)
+    settings = _read_settings(root)
+    store = ResultsStore(db)
+    try:
+        studies = store.studies()
+        if not studies:
+            raise ValueError(f"study: results database {db!r} holds no study; run `tpsexplore search` first")
+        name = study or settings.get("study") or settings.get("study_name") or settings.get("name")
+        if name is None:
+            if len(studies) > 1:
+                raise ValueError(f"study: {db!r} holds {len(studies)} studies ({', '.join(s.name for s in studies)}); "
+                                 "name one with --study")
+            row = studies[0]
+        else:
+            matches = [s for s in studies if s.name == name]
+            if not matches:
+                raise ValueError(f"study: {name!r} not found in {db!r}; existing: "
+                                 f"{', '.join(s.name for s in studies)}")
+            row = matches[0]
+        frame = store.trials_frame(row)
+    finally:
+        store.close()
+    if not settings:  # a bare database: the store's study row is all there is
+        settings = dict(row.settings or {})
+        if row.objectives:
+            settings["objectives"] = list(row.objectives)  # the store's columns, not the CLI's short form
+        for key in ("backbone", "budget", "objectives", "data", "weights"):
+            if settings.get(key) in (None, "", []):
+                settings[key] = getattr(row, key)
+    data = StudyData(name=row.name, db=db, root=root, study=row, settings=settings, trials=frame)
+    data.trials = enrich(frame, settings)
+    return data
+
+
+def load_trials(db: str | os.PathLike[str], study: str | None = None) -> pd.DataFrame:
+    """One row per trial of a study (directory, results.db path or URL), measurements as columns.
+
+    Columns: the store's ``trials_frame`` (``number``, ``method``, ``label``, ``state``, ``config.*``, one
+    column per measurement type such as ``accuracy_top1@finetuned``, ``gmacs@analytic``,
+    ``throughput@bs64/fp32/cuda``) plus ``variant``, ``accuracy``, ``gmacs``, ``is_baseline``, ``usable`` and
+    ``within_budget`` (see the module docstring). ``df.attrs`` holds the study name, settings and columns
+    chosen for ``accuracy`` and ``gmacs``.
+    """
+    return open_study(db, study).trials
+
+
+# ----------------------------------------------------------------------------- columns
+def _populated(df: pd.DataFrame, col: str) -> int:
+    return int(df[col].notna().sum()) if col in df.columns else 0
+
+
+def _accuracy_fidelity(settings: dict[str, Any]) -> str | None:
+    """The fidelity of the study's accuracy objective (``finetuned`` / ``zero_shot``), if it says."""
+    fid = settings.get("fidelity")
+    candidates = []
+    if isinstance(fid, dict):
+        candidates += [fid.get("accuracy_objective"), fid.get("accuracy"), fid.get("name")]
+    elif isinstance(fid, str):
+        candidates.append(fid)
+    objectives = settings.get("objectives") or []
+    candidates += [str(o).rpartition(":")[0] or str(o) for o in (objectives if isinstance(objectives, list) else [])]
+    for c in candidates:
+        if isinstance(c, str) and c:
+            if c.startswith("accuracy_top1@"):
+                return c.split("@", 1)[1]
+            if c in ACCURACY_FIDELITIES:
+                return c
+    return None
+
+
+def accuracy_column(df: pd.DataFrame, fidelity: str | None = None) -> str | None:
+    """The top-1 column to use: the study's fidelity when it has values, else the most populated one
+    (fine-tuned before zero-shot on a tie)."""
+    cols = [c for c in df.columns if isinstance(c, str) and c.startswith("accuracy_top1")]
+    if fidelity and f"accuracy_top1@{fidelity}" in cols and _populated(df, f"accuracy_top1@{fidelity}"):
+        return f"accuracy_top1@{fidelity}"
+    ranked = sorted(cols, key=lambda c: (-_populated(df, c),
+                                         next((i for i, f in enumerate(ACCURACY_FIDELITIES) if c.endswith(f)), 9)))
+    return ranked[0] if ranked and _populated(df, ranked[0]) else None
+
+
+def gmacs_column(df: pd.DataFrame) -> str | None:
+    for col in GMACS_COLUMNS:
+        if _populated(df, col):
+            return col
+    others = [c for c in df.columns if isinstance(c, str) and c.startswith("gmacs@") and _populated(df, c)]
+    if others:
+        return others[0]
+    return "analytic_gmacs" if _populated(df, "analytic_gmacs") else None
+
+
+@dataclass(frozen=True)
+class RuntimeColumn:
+    """A runtime measurement column: kind (throughput, latency_ms, ...), batch size, dtype, device."""
+
+    column: str
+    kind: str
+    batch_size: int
+    dtype: str | None
+    device: str | None
+
+    @property
+    def title(self) -> str:
+        bits = [f"batch {self.batch_size}"] + [b for b in (self.dtype, self.device) if b]
+        return ", ".join(bits)
+
+
+def runtime_columns(df: pd.DataFrame, kind: str = "throughput") -> list[RuntimeColumn]:
+    """Columns of measurements of ``kind`` with a batch size (sorted by batch size), e.g. throughput per batch."""
+    out = []
+    for col in df.columns:
+        m = _THROUGHPUT_RE.match(str(col))
+        if m and m.group("kind") == kind and _populated(df, col):
+            out.append(RuntimeColumn(col, kind, int(m.group("bs")), m.group("dtype"), m.group("device")))
+    return sorted(out, key=lambda r: (r.batch_size, r.dtype or "", r.device or ""))
+
+
+def measurement_columns(df: pd.DataFrame) -> list[str]:
+    """All pivoted measurement columns (``kind@...`` or known bare kinds) that hold a value."""
+    # bare kinds (stored without fidelity, batch, dtype or device); "gmacs"/"accuracy" are load_trials' own
+    bare = {"params", "throughput", "latency_ms", "speedup", "joules_per_image", "peak_mem_bytes",
+            "accuracy_top1", "accuracy_top5"}
+    return [c for c in df.columns if isinstance(c, str) and ("@" in c or c in bare) and _populated(df, c)]
+
+
+def variant_of(config: dict[str, Any] | None, method: Any = None) -> str:
+    """``method`` or ``method+treatment`` (a searched non-default treatment); 'baseline' for method none."""
+    from ..reduce.methods import METHODS
+
+    config = config or {}
+    m = config.get("method") or method or "none"
+    if m == "none":
+        return "baseline"
+    t = config.get("treatment")
+    if isinstance(t, str) and t and m in METHODS and t != METHODS[m].treatment:
+        return f"{m}+{t}"
+    return str(m)
+
+
+def enrich(frame: pd.DataFrame, settings: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Add the derived columns of the module docstring to a ``trials_frame``."""
+    settings = settings or {}
+    df = frame.copy()
+    if df.empty:
+        for col in ("variant", "accuracy", "gmacs"):
+            df[col] = pd.Series(dtype="object" if col == "variant" else "float64")
+        for col in ("is_baseline", "usable", "within_budget"):
+            df[col] = pd.Series(dtype=bool)
+        df.attrs.update(accuracy_column=None, gmacs_column=None, settings=settings)
+        return df
+    cfg_cols = [c for c in df.columns if str(c).startswith("config.")]
+    configs = [{c[len("config."):]: row[c] for c in cfg_cols} for _, row in df[cfg_cols].iterrows()] \
+        if cfg_cols else [{} for _ in range(len(df))]
+    df["variant"] = [variant_of(c, m) for c, m in zip(configs, df["method"])]
+    acc = accuracy_column(df, _accuracy_fidelity(settings))
+    gm = gmacs_column(df)
+    df["accuracy"] = df[acc].astype(float) if acc else np.nan
+    df["gmacs"] = df[gm].astype(float) if gm else np.nan
+    if gm and gm != "analytic_gmacs" and "analytic_gmacs" in df.columns:
+        df["gmacs"] = df["gmacs"].fillna(df["analytic_gmacs"])
+    df["is_baseline"] = df["variant"] == "baseline"
+    df["usable"] = (df["state"] == "complete") & df["accuracy"].notna() & df["gmacs"].notna()
+    feasible = df["feasible"] if "feasible" in df.columns else pd.Series([None] * len(df), index=df.index)
+    cons = df["constraint_value"] if "constraint_value" in df.columns else pd.Series(np.nan, index=df.index)
+    within = [bool(f) if f is not None and not (isinstance(f, float) and math.isnan(f))
+              else (bool(c <= 1e-12) if pd.notna(c) else True) for f, c in zip(feasible, cons)]
+    df["within_budget"] = df["usable"] & pd.Series(within, index=df.index) & ~df["is_baseline"]
+    df.attrs.update(accuracy_column=acc, gmacs_column=gm, settings=settings)
+    return df

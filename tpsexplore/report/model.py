@@ -1,0 +1,140 @@
+"""Rebuilding a study's model for one trial: the backbone description, the reduced model and its weights."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones import create_backbone, read_state_dict, resolve_name
+from ..reduce import ReductionConfig, apply
+
+GEOMETRY_KEYS = ("img_size", "patch_size", "num_classes")
+TIMM_KEYS = ("img_size", "patch_size", "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "in_chans")
+
+
+def _dicts(*items: Any) -> list[dict[str, Any]]:
+    return [i for i in items if isinstance(i, dict)]
+
+
+def backbone_description(settings: dict[str, Any], backbone: Any = None) -> dict[str, Any]:
+    """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ..., "weights"}`` from study.json.
+
+    The timm keyword overrides come, later ones winning, from the data description (the proxy task's image
+    size, patch size and classes), the weights description, the study's ``[model]`` overrides and an explicit
+    ``backbone``/``model_kwargs`` section when the study wrote one.
+    """
+    b = settings.get("backbone", backbone)
+    out: dict[str, Any] = dict(b) if isinstance(b, dict) else {"name": b or backbone}
+    inner = settings.get("settings") if isinstance(settings.get("settings"), dict) else {}
+    data, weights = settings.get("data"), settings.get("weights")
+    for src in _dicts(data, (data or {}).get("geometry") if isinstance(data, dict) else None, weights,
+                      inner.get("model"), settings.get("model"), settings.get("model_kwargs")):
+        for key in TIMM_KEYS:
+            if src.get(key) is not None:
+                out[key] = _plain(src[key])
+    name = out.get("name") or inner.get("backbone")
+    if not name:
+        raise ValueError("backbone: the study does not say which backbone it used (study.json has no 'backbone')")
+    out["name"] = str(name)
+    if not out.get("timm_name"):
+        out["timm_name"] = resolve_name(str(name))
+    if isinstance(weights, dict):
+        out.setdefault("weights", {k: v for k, v in weights.items() if isinstance(v, (str, int, float, bool))})
+    elif weights:
+        out.setdefault("weights", str(weights))
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
+        return v[0]
+    return v
+
+
+def timm_overrides(backbone: dict[str, Any]) -> dict[str, Any]:
+    """The timm ``create_model`` keyword overrides of a backbone description."""
+    return {k: backbone[k] for k in TIMM_KEYS if backbone.get(k) is not None}
+
+
+def overrides_from_state(state: dict[str, torch.Tensor], num_prefix: int = 1) -> dict[str, Any]:
+    """img_size, patch_size, num_classes, depth and embed_dim read from a ViT state dict's shapes."""
+    out: dict[str, Any] = {}
+    w = state.get("patch_embed.proj.weight")
+    if w is not None:
+        out["patch_size"] = int(w.shape[-1])
+        out["embed_dim"] = int(w.shape[0])
+        out["in_chans"] = int(w.shape[1])
+    pos = state.get("pos_embed")
+    if pos is not None and "patch_size" in out:
+        n = int(pos.shape[1]) - num_prefix
+        side = math.isqrt(max(n, 0))
+        if side * side == n:
+            out["img_size"] = side * out["patch_size"]
+    head = state.get("head.weight")
+    if head is not None:
+        out["num_classes"] = int(head.shape[0])
+    blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    if blocks:
+        out["depth"] = max(blocks) + 1
+    return out
+
+
+def backbone_geometry(backbone: dict[str, Any]) -> Any:
+    """The `ViTGeometry` of a backbone description (built on the meta device: no weights, no init cost)."""
+    import timm
+
+    from ..measure.flops import geometry_from_model
+
+    with torch.device("meta"):
+        model = timm.create_model(backbone.get("timm_name") or resolve_name(backbone["name"]), pretrained=False,
+                                  **timm_overrides(backbone))
+    return geometry_from_model(model)
+
+
+def with_weight_geometry(backbone: dict[str, Any], weights: str | Path) -> dict[str, Any]:
+    """``backbone`` with img_size, patch_size, num_classes, depth and embed_dim it lacks read from ``weights``."""
+    from safetensors import safe_open
+
+    p = Path(weights)
+    if p.suffix == ".safetensors":
+        with safe_open(str(p), framework="pt") as fh:
+            shapes = {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()
+                      if k in ("patch_embed.proj.weight", "pos_embed", "head.weight") or k.startswith("blocks.")}
+    else:
+        shapes = read_state_dict(p)
+    out = dict(backbone)
+    for key, value in overrides_from_state(shapes).items():
+        if out.get(key) is None and key in ("img_size", "patch_size", "num_classes", "depth", "embed_dim"):
+            out[key] = value
+    return out
+
+
+def build_model(backbone: dict[str, Any], config: ReductionConfig | dict | str | None = None,
+                weights: str | Path | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A timm ViT from a backbone description, reduced by ``config``, with ``weights`` when given.
+
+    Weights saved by a search hold the patched model's state (predictors included), so the config is
+    applied before they are loaded; a plain backbone checkpoint (no predictor keys) loads too, and then the
+    predictors keep their initialisation. Without weights the model is randomly initialised.
+    """
+    kwargs = timm_overrides(backbone)
+    state = None
+    if weights is not None:
+        state = read_state_dict(weights)
+        for key, value in overrides_from_state(state).items():
+            if key in ("img_size", "patch_size", "num_classes", "depth", "embed_dim"):
+                kwargs.setdefault(key, value)
+    model = create_backbone(backbone.get("timm_name") or backbone["name"], weights="random", **kwargs)
+    if config is not None:
+        apply(model, config)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if ".tps_stage." not in f".{k}"]
+        unexpected = [k for k in unexpected if ".tps_stage." not in f".{k}"]
+        if missing or unexpected:
+            raise ValueError(f"weights: {str(weights)!r} does not fit {backbone.get('timm_name')} "
+                             f"{kwargs}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.to(device).eval()
