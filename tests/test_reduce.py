@@ -11,6 +11,7 @@ from tpsexplore import ReductionConfig, apply, create_backbone, last_info, remov
 from tpsexplore.reduce import ops, ratio_loss, token_schedule, track_sources
 from tpsexplore.reduce.methods import METHODS
 from tpsexplore.reduce.patch import _attention
+from tpsexplore.reduce.schedule import distinct_counts
 
 ALL = list(METHODS)
 TINY = dict(img_size=64, patch_size=16, num_classes=10)  # deit_t width/depth on a 4x4 grid
@@ -26,12 +27,7 @@ def config_for(method: str, keep: float = 0.7, **kw) -> ReductionConfig:
 
 def counts(model) -> list[int]:
     """Distinct token counts through the blocks after the last forward."""
-    out = []
-    for a, m in last_info(model).token_counts:
-        for n in (a, m):
-            if not out or out[-1] != n:
-                out.append(n)
-    return out
+    return distinct_counts(last_info(model).token_counts)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +157,8 @@ def test_distilled_model_keeps_both_prefix_tokens():
 def test_squeeze_host_choice_and_e_weight():
     reserved = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
     pruned = torch.tensor([[[2.0, 0.2], [0.1, 3.0], [1.0, 0.1]]])
-    out, host = ops.squeeze(reserved, pruned)
-    assert host.int().argmax(-1).tolist() == [[0, 1, 0]]  # nearest by cosine, not by distance
+    out, weight = ops.squeeze(reserved, pruned)
+    assert (weight > 0).int().argmax(1).tolist() == [[0, 1, 0]]  # nearest by cosine, not by distance
     s = ops.cosine_similarity(pruned, reserved)
     w0, w2 = s[0, 0, 0].exp(), s[0, 2, 0].exp()
     expect0 = (math.e * reserved[0, 0] + w0 * pruned[0, 0] + w2 * pruned[0, 2]) / (math.e + w0 + w2)
@@ -175,8 +171,8 @@ def test_squeeze_host_choice_and_e_weight():
 def test_squeeze_host_keeps_largest_weight_and_ties_go_to_every_host():
     reserved = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     pruned = torch.tensor([[[3.0, 0.0]]])
-    out, host = ops.squeeze(reserved, pruned)
-    assert host.tolist() == [[[True, True]]]
+    out, weight = ops.squeeze(reserved, pruned)
+    assert (weight > 0).tolist() == [[[True], [True]]]
     expect = (math.e * reserved[0, 0] + math.e * pruned[0, 0]) / (2 * math.e)
     torch.testing.assert_close(out[0], expect.expand(2, 2))
 

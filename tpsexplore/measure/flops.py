@@ -402,6 +402,14 @@ def _matmul_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return _numel(outputs[0]) * a[-1]
 
 
+def _baddbmm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """baddbmm(input, b1, b2): the batched product b1 @ b2 (the scaled add carries no MACs)."""
+    b1 = _shape(inputs[1])
+    if b1 is None:
+        raise UncountedOpError("model: a baddbmm operand has an unknown shape in the trace")
+    return _numel(outputs[0]) * b1[-1]
+
+
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     """scaled_dot_product_attention: QK^T (Nq*Nk*d) + AV (Nq*Nk*dv) per batch and head."""
     q, k, v = (_shape(x) for x in inputs[:3])
@@ -440,6 +448,7 @@ EXTRA_OP_RULES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::matmul": _matmul_macs,
     "aten::mm": _matmul_macs,
     "aten::bmm": _matmul_macs,
+    "aten::baddbmm": _baddbmm_macs,
     "aten::linalg_vector_norm": _vector_norm_macs,
     "aten::norm": _vector_norm_macs,
     "aten::frobenius_norm": _vector_norm_macs,

@@ -15,6 +15,7 @@ import torch
 
 from ..backbones import create_backbone
 from ..reduce import ReductionConfig, apply
+from ..reduce.schedule import distinct_counts
 from .data import DataSpec, build_datasets
 from .environment import environment_info
 from .flops import analytic_macs, analytic_params, geometry_from_model, traced_macs
@@ -159,7 +160,7 @@ def format_profile(r: dict[str, Any]) -> str:
         f"patch {r['backbone']['patch_size']}) — {r['label']}",
         f"  data     {r['data'].get('note') or r['data'].get('source')}",
         f"  weights  {r['weights']['note']}",
-        f"  tokens   {' -> '.join(str(n) for n in _distinct(r['token_counts']))} (per block: "
+        f"  tokens   {' -> '.join(str(n) for n in distinct_counts(r['token_counts']))} (per block: "
         f"{', '.join(f'{a}/{m}' for a, m in r['token_counts'])})",
         "",
         f"  {'GMACs':<22}{g['analytic']:.4f} analytic, {g['traced']:.4f} traced (fvcore + SDPA); "
@@ -192,12 +193,3 @@ def format_profile(r: dict[str, Any]) -> str:
                   f"commit {str(env.get('git_commit'))[:10]}",
               f"  took {r['seconds']:.1f} s"]
     return "\n".join(lines)
-
-
-def _distinct(counts: list[list[int]]) -> list[int]:
-    out: list[int] = []
-    for a, m in counts:
-        for n in (a, m):
-            if not out or out[-1] != n:
-                out.append(n)
-    return out

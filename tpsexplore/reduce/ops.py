@@ -21,8 +21,14 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
-    """Pairwise cosine similarity (B, Na, C) x (B, Nb, C) -> (B, Na, Nb)."""
-    return l2_normalize(a, eps) @ l2_normalize(b, eps).transpose(-2, -1)
+    """Pairwise cosine similarity (B, Na, C) x (B, Nb, C) -> (B, Na, Nb), eps added to each norm.
+
+    The norms scale the small (Na, Nb) product instead of normalising both token tensors, which saves
+    two full passes over (B, N, C) on the hot path.
+    """
+    na = a.norm(dim=-1, keepdim=True) + eps
+    nb = b.norm(dim=-1, keepdim=True) + eps
+    return (a @ b.transpose(-2, -1)) / (na * nb.transpose(-2, -1))
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -45,15 +51,17 @@ def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> tuple
     R'_j = (w0 R_j + sum_{i in Q_j} exp(S_ij) P_i) / (w0 + sum_{i in Q_j} exp(S_ij)), with S the cosine
     similarity over temperature and w0 = exp(1 / temperature), the host's self-similarity (e for tau = 1;
     the temperature scaling of w0 is inferred). Exact ties add a pruned token to every tied host, as the
-    reference does. Returns the new reserved tokens (B, Nr, C) and the host mask (B, Np, Nr).
+    reference does. Returns the new reserved tokens (B, Nr, C) and the fusion weights (B, Nr, Np), which
+    are exp(S) for a (host, pruned) pair and 0 elsewhere.
     """
-    sim = cosine_similarity(pruned, reserved) / temperature
-    host = sim == sim.amax(dim=-1, keepdim=True)
-    weight = torch.where(host, sim.exp(), torch.zeros_like(sim)).transpose(1, 2)  # (B, Nr, Np)
+    sim = cosine_similarity(pruned, reserved)  # (B, Np, Nr), a fresh tensor: safe to update in place
+    if temperature != 1.0:
+        sim = sim / temperature
+    weight = sim.masked_fill_(sim < sim.amax(dim=-1, keepdim=True), -math.inf).exp_().transpose(1, 2)
     w0 = math.exp(1.0 / temperature)
-    num = w0 * reserved + weight @ pruned.to(weight.dtype)
-    den = w0 + weight.sum(dim=-1, keepdim=True)
-    return (num / den).to(reserved.dtype), host
+    num = torch.baddbmm(reserved.to(weight.dtype), weight, pruned.to(weight.dtype), beta=w0)  # w0 R + W P
+    den = weight.sum(dim=-1, keepdim=True) + w0
+    return (num / den).to(reserved.dtype), weight
 
 
 def squeeze_masked(x: Tensor, keep: Tensor, prune: Tensor, temperature: float = 1.0) -> Tensor:

@@ -188,9 +188,9 @@ def _reduce_select(stage: ReductionStage, s: TokenState, scores: Tensor, cfg: Re
     ids = ops.gather_tokens(s.ids[:, p:], keep)
     src = ops.gather_tokens(s.source[:, p:], keep) if s.source is not None else None
     if stage.treatment == "squeeze":
-        kept, host = ops.squeeze(kept, ops.gather_tokens(spatial, rest), cfg.temperature)
+        kept, weight = ops.squeeze(kept, ops.gather_tokens(spatial, rest), cfg.temperature)
         if src is not None:
-            moved = host.transpose(1, 2).float() @ ops.gather_tokens(s.source[:, p:], rest)
+            moved = (weight > 0).float() @ ops.gather_tokens(s.source[:, p:], rest)
             src = (src + moved).clamp_max(1.0)
     elif stage.treatment == "fuse":
         weights = ops.gather_tokens(scores, rest)

@@ -44,12 +44,17 @@ class TokenSchedule:
 
     def counts(self) -> list[int]:
         """Distinct token counts in order, e.g. [197, 138, 97, 68]."""
-        out: list[int] = []
-        for a, m in self.blocks:
-            for n in (a, m):
-                if not out or out[-1] != n:
-                    out.append(n)
-        return out
+        return distinct_counts(self.blocks)
+
+
+def distinct_counts(blocks) -> list[int]:
+    """[(attention, MLP) tokens per block] -> the distinct counts in order, e.g. [197, 138, 97, 68]."""
+    out: list[int] = []
+    for a, m in blocks:
+        for n in (a, m):
+            if not out or out[-1] != n:
+                out.append(n)
+    return out
 
 
 def cumulative_keep(n0: int, ratios: list[float]) -> int:
