@@ -18,7 +18,7 @@ from ..reduce import ReductionConfig, apply
 from ..reduce.schedule import distinct_counts
 from .data import DataSpec, build_datasets
 from .environment import environment_info
-from .flops import analytic_macs, analytic_params, geometry_from_model, traced_macs
+from .flops import analytic_macs, analytic_params, geometry, geometry_from_model, traced_macs
 from .throughput import ThroughputConfig, measure_pair, resolve_device
 from .train import FinetuneConfig, evaluate, finetune, proxy_backbone
 
@@ -92,6 +92,7 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     """Measure one config beside its unreduced baseline; every number carries how it was obtained."""
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
+    cfg.reduction.validate(geometry(cfg.backbone).depth)  # bad locations fail before any training or loading
     baseline, train, val, data_info, weights = load_model_and_data(cfg)
     baseline.eval()
     geo = geometry_from_model(baseline)
