@@ -96,7 +96,7 @@ def test_round_trip_in_sqlite_file_survives_reopen(tmp_path):
     with ResultsStore(str(path)) as again:  # a fresh engine reads what the first one committed
         _check_filled(again, "s1", ids)
         assert again.schema_version() == SCHEMA_VERSION
-        trials = pd.read_sql_table("trials", again.engine)  # documented direct pandas access
+        trials = pd.read_sql_table("tpsx_trials", again.engine)  # documented direct pandas access
         assert list(trials.number) == [0, 1, 2] and trials.config[0]["locations"] == [1, 4, 7]
     with ResultsStore(f"sqlite:///{path}") as by_url:
         assert [s.name for s in by_url.studies()] == ["s1"]
@@ -112,7 +112,7 @@ def test_sqlite_uses_wal_foreign_keys_and_busy_timeout(tmp_path):
             assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 7000
     with sqlite3.connect(path) as raw:  # WAL is a property of the file, seen by any reader
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+        assert raw.execute("SELECT value FROM tpsx_meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
 
 
 def test_trials_frame_pivot_names_newest_value_and_study_filter(tmp_path):
@@ -180,13 +180,13 @@ def test_other_schema_versions_are_refused(tmp_path):
     path = tmp_path / "r.db"
     ResultsStore(path).close()
     with sqlite3.connect(path) as raw:
-        raw.execute("UPDATE meta SET value='999' WHERE key='schema_version'")
+        raw.execute("UPDATE tpsx_meta SET value='999' WHERE key='schema_version'")
     with pytest.raises(SchemaVersionError, match=r"schema version '999'; this tpsexplore reads schema version 1"):
         ResultsStore(path)
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as raw:
-        raw.execute("CREATE TABLE trials (id INTEGER PRIMARY KEY, x TEXT)")
-    with pytest.raises(SchemaVersionError, match="no 'meta' table"):
+        raw.execute("CREATE TABLE tpsx_trials (id INTEGER PRIMARY KEY, x TEXT)")
+    with pytest.raises(SchemaVersionError, match="no 'tpsx_meta' table"):
         ResultsStore(foreign)
     unrelated = tmp_path / "unrelated.db"  # a SQLite file with other tables only: ours are added beside them
     with sqlite3.connect(unrelated) as raw:
@@ -302,14 +302,14 @@ def test_each_write_is_one_transaction(tmp_path):
         study = store.get_or_create_study("s")
         tid = store.start_trial(study, 0, {"method": "none"})
         with store.engine.begin() as conn:  # the database itself rejects the second row of the batch
-            conn.execute(text("CREATE TRIGGER boom BEFORE INSERT ON measurements WHEN NEW.kind = 'boom' "
+            conn.execute(text("CREATE TRIGGER boom BEFORE INSERT ON tpsx_measurements WHEN NEW.kind = 'boom' "
                               "BEGIN SELECT RAISE(ABORT, 'boom rejected'); END"))
         with pytest.raises(SQLAlchemyError, match="boom rejected"):
             store.add_measurements(tid, [{"kind": "gmacs", "value": 1.0}, {"kind": "boom", "value": 2.0}],
                                    environment={"new": "environment"})
         assert store.measurements_frame().empty
         with store.engine.connect() as conn:
-            assert conn.execute(text("SELECT COUNT(*) FROM environments")).scalar() == 0
+            assert conn.execute(text("SELECT COUNT(*) FROM tpsx_environments")).scalar() == 0
         with pytest.raises(ValueError, match=r"^measurements\[1\].value: 'fast' is not a number$"):
             store.add_measurements(tid, [{"kind": "gmacs", "value": 1.0}, {"kind": "latency", "value": "fast"}])
         assert store.measurements_frame().empty
@@ -364,12 +364,12 @@ def test_same_api_against_real_postgres(postgres_url):
         df = again.trials_frame("pg-study")
         assert list(df.state) == ["complete", "pruned", "failed"]
         assert df.iloc[0]["finished"].tzinfo == timezone.utc
-        assert len(pd.read_sql_table("measurements", again.engine)) == 4
+        assert len(pd.read_sql_table("tpsx_measurements", again.engine)) == 4
         with again.engine.begin() as conn:
-            conn.execute(text("UPDATE meta SET value='0' WHERE key='schema_version'"))
+            conn.execute(text("UPDATE tpsx_meta SET value='0' WHERE key='schema_version'"))
         try:
             with pytest.raises(SchemaVersionError, match="schema version '0'"):
                 ResultsStore(postgres_url)
         finally:  # the server is shared by the whole test session
             with again.engine.begin() as conn:
-                conn.execute(text(f"UPDATE meta SET value='{SCHEMA_VERSION}' WHERE key='schema_version'"))
+                conn.execute(text(f"UPDATE tpsx_meta SET value='{SCHEMA_VERSION}' WHERE key='schema_version'"))

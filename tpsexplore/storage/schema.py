@@ -1,6 +1,7 @@
 """SQLAlchemy 2 ORM tables of the results store (see docs/schema.md).
 
-Four data tables and one ``meta`` table:
+Four data tables and one ``meta`` table, all prefixed ``tpsx_`` so they can share a PostgreSQL database
+with Optuna's own tables (``studies``, ``trials``, ...):
 
 - ``studies``: one row per search (name, backbone, budget, objectives, what data/weights it used).
 - ``trials``: one row per evaluated configuration (Optuna trial), its ReductionConfig as JSON and its state.
@@ -59,7 +60,7 @@ class Base(DeclarativeBase):
 class Meta(Base):
     """Key/value facts about the database itself (``schema_version``, ``created_by``)."""
 
-    __tablename__ = "meta"
+    __tablename__ = "tpsx_meta"
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
@@ -68,7 +69,7 @@ class Meta(Base):
 class StudyRow(Base):
     """One search: what was searched (backbone, budget, objectives) and with which data and weights."""
 
-    __tablename__ = "studies"
+    __tablename__ = "tpsx_studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -89,7 +90,7 @@ class StudyRow(Base):
 class TrialRow(Base):
     """One evaluated configuration; ``number`` is the Optuna trial number (unique within a study)."""
 
-    __tablename__ = "trials"
+    __tablename__ = "tpsx_trials"
     __table_args__ = (
         UniqueConstraint("study_id", "number", name="uq_trials_study_number"),
         Index("ix_trials_study_state", "study_id", "state"),
@@ -98,7 +99,7 @@ class TrialRow(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("tpsx_studies.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     method: Mapped[str | None] = mapped_column(String(64))
@@ -123,7 +124,7 @@ class TrialRow(Base):
 class EnvironmentRow(Base):
     """Hardware and software versions a measurement was taken with; ``hash`` is sha256 of canonical JSON."""
 
-    __tablename__ = "environments"
+    __tablename__ = "tpsx_environments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -134,7 +135,7 @@ class EnvironmentRow(Base):
 class MeasurementRow(Base):
     """One measured or estimated value of a trial (long format)."""
 
-    __tablename__ = "measurements"
+    __tablename__ = "tpsx_measurements"
     __table_args__ = (
         Index("ix_measurements_trial", "trial_id"),
         Index("ix_measurements_kind_fidelity", "kind", "fidelity"),
@@ -142,7 +143,7 @@ class MeasurementRow(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"))
+    trial_id: Mapped[int] = mapped_column(ForeignKey("tpsx_trials.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     unit: Mapped[str | None] = mapped_column(String(32))
@@ -152,11 +153,12 @@ class MeasurementRow(Base):
     fidelity: Mapped[str | None] = mapped_column(String(64))
     provenance: Mapped[str | None] = mapped_column(String(200))
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    environment_id: Mapped[int | None] = mapped_column(ForeignKey("environments.id", ondelete="SET NULL"))
+    environment_id: Mapped[int | None] = mapped_column(ForeignKey("tpsx_environments.id", ondelete="SET NULL"))
     created: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     trial: Mapped[TrialRow] = relationship(back_populates="measurements")
     environment: Mapped[EnvironmentRow | None] = relationship()
 
 
-DATA_TABLES = ("studies", "trials", "measurements", "environments")
+DATA_TABLES = ("tpsx_studies", "tpsx_trials", "tpsx_measurements", "tpsx_environments")
+META_TABLE = "tpsx_meta"

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from .errors import CorruptDatabaseError, SchemaVersionError, StoreError, StudyMismatchError, one_line
 from .frames import TRIAL_COLUMNS, build_measurements_frame, build_trials_frame, measurement_column
-from .schema import (DATA_TABLES, FINAL_TRIAL_STATES, SCHEMA_VERSION, Base, EnvironmentRow, MeasurementRow,
+from .schema import (DATA_TABLES, META_TABLE, FINAL_TRIAL_STATES, SCHEMA_VERSION, Base, EnvironmentRow, MeasurementRow,
                      Meta, StudyRow, TrialRow, utcnow)
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -110,7 +110,7 @@ class ResultsStore:
     # ------------------------------------------------------------------ plumbing
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine, e.g. for ``pd.read_sql_table('trials', store.engine)``."""
+        """The SQLAlchemy engine, e.g. for ``pd.read_sql_table('tpsx_trials', store.engine)``."""
         return self._engine
 
     def close(self) -> None:
@@ -146,7 +146,7 @@ class ResultsStore:
             conn.execution_options(tpsx_write=True)
             with conn.begin():
                 names = set(inspect(conn).get_table_names())
-                if "meta" in names:
+                if META_TABLE in names:
                     found = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
                     if found != str(SCHEMA_VERSION):
                         raise SchemaVersionError(
@@ -155,9 +155,9 @@ class ResultsStore:
                 elif names & set(DATA_TABLES):
                     raise SchemaVersionError(
                         f"results database {self.display!r} has tables {sorted(names & set(DATA_TABLES))} but "
-                        "no 'meta' table, so it was not written by tpsexplore (use a new database file)")
+                        "no 'tpsx_meta' table, so it was not written by tpsexplore (use a new database file)")
                 Base.metadata.create_all(conn)
-                if "meta" not in names:
+                if META_TABLE not in names:
                     version = _package_version() or "unknown"
                     conn.execute(Meta.__table__.insert(), [
                         {"key": "schema_version", "value": str(SCHEMA_VERSION)},
