@@ -1,0 +1,524 @@
+"""Run a search: check everything, set up both stores, run the workers, mirror, report.
+
+Processes and stores:
+
+* Workers (the main process itself with ``--workers 1``, else N spawned processes, one GPU each when
+  there are several) ask Optuna for trials and write everything about a trial onto the Optuna trial.
+* The coordinator (the process that runs ``tpsexplore search``) is the only writer of ``results.db``: it
+  mirrors the Optuna trials into it every second (a thread when the main process also runs trials) and
+  once more at the end. A flock on ``DIR/NAME/.coordinator.lock`` keeps a second coordinator off the same
+  study directory.
+* Resume: rerunning the same command finds the study in both stores; RUNNING trials whose worker is gone
+  (kill -9) are marked failed ("interrupted") and their configs re-queued (`backend.recover`); the search
+  continues until ``--trials`` trials are done (interrupted ones do not count).
+* Ctrl-C: the running trial is recorded as failed ("interrupted", re-queued next time), the mirror runs
+  once more, the front so far is printed, exit code 130.
+
+Bad input fails before anything is written: settings, output directory, methods vs budget, a results
+database that is corrupt or belongs to another study, an Optuna study created with other settings.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..storage import ResultsStore
+from .backend import (A_HEARTBEAT, A_ROLE, A_WORKER, S_ENQUEUED, S_FINGERPRINT, counted, end,
+                      make_sampler, open_storage, recover, retries_first, record, storage_display, worker_identity)
+from .mirror import Mirror
+from .objective import TrialContext, record_failure, run_trial
+from .progress import Progress, front_table, pareto_front
+from .space import SearchSpace, resolve_variants
+from .spec import SearchSettings, storage_kind
+
+RECOVER_EVERY_S = 30.0
+FINGERPRINT_KEYS = ("backbone", "budget", "objectives", "methods", "max_stages", "finetune_steps", "seed",
+                    "space", "model", "proxy", "train", "dataset", "data", "checkpoint")
+
+
+@dataclass
+class SearchOutcome:
+    """What `run_search` did (the CLI prints it; tests read it)."""
+
+    study_dir: Path
+    exit_code: int
+    counts: dict[str, int] = field(default_factory=dict)
+    front: list[Any] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# ============================================================================= checks (no writes)
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {spec!r} requested but CUDA is not available here; allowed: auto, cpu")
+    return dev
+
+
+def check_output_dir(settings: SearchSettings) -> None:
+    """The study directory (or its nearest existing ancestor) must be a writable directory."""
+    target = settings.study_dir.absolute()
+    probe = target
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"out: {str(probe)!r} is a file, not a directory; choose another --out directory")
+    try:  # a real probe: os.access says yes to root even on read-only mounts and /proc
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".tpsx-probe-", dir=probe))
+    except OSError as e:
+        raise ValueError(f"out: {str(probe)!r} is not writable ({e.strerror or e}); choose another --out "
+                         "directory") from None
+
+
+def store_objectives(settings: SearchSettings, device: torch.device) -> list[str]:
+    """The objectives as results-store columns (``column:direction``, the form reports read)."""
+    acc = f"accuracy_top1@{settings.accuracy_fidelity}:maximize"
+    m = settings.measure
+    dev = str(device)
+    cost = {"gflops": "gmacs@analytic:minimize",
+            "throughput": f"throughput@bs{m.batch_size}/{m.dtype}/{dev}:maximize",
+            "latency": f"latency_ms@bs1/{m.dtype}/{dev}:minimize"}[settings.cost_objective]
+    return [acc, cost]
+
+
+def fingerprint(settings: SearchSettings, task: Any) -> dict[str, Any]:
+    d = settings.to_dict()
+    fp = {k: d[k] for k in FINGERPRINT_KEYS}
+    fp["data"] = task.data_description
+    fp["weights"] = task.weights_description
+    return json.loads(json.dumps(fp, default=str))
+
+
+def _fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    for key in (*FINGERPRINT_KEYS, "weights"):
+        if old.get(key) != new.get(key):
+            return f"{key}: {new.get(key)!r} differs from {old.get(key)!r} stored for this study"
+    return None
+
+
+def check_results_db(path: Path, settings: SearchSettings, objectives: list[str], task: Any) -> int:
+    """Refuse a corrupt results DB or one of another study; returns its trial count (0 if absent)."""
+    if not path.exists():
+        return 0
+    with ResultsStore(path) as store:
+        names = [s.name for s in store.studies()]
+        if not names:
+            return 0
+        if settings.name not in names:
+            raise ValueError(f"results database: {str(path)!r} belongs to study {names[0]!r}, not "
+                             f"{settings.name!r}; use another --out or --study-name")
+        store.open_study(settings.name, backbone=settings.backbone, budget=float(settings.budget),
+                         objectives=objectives, data=task.data_description, weights=task.weights_description)
+        return len(store.trials_frame(settings.name))
+
+
+def check_optuna(settings: SearchSettings, fp: dict[str, Any]) -> bool:
+    """Is there already an Optuna study of this name? Refuse one created with other settings."""
+    storage = open_storage(settings, create=False)
+    if storage is None:
+        return False
+    try:
+        summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"storage: {storage_display(settings)!r} cannot be read: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    if settings.name not in summaries:
+        return False
+    s = summaries[settings.name]
+    want = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+            for d in settings.directions]
+    if list(s.directions) != want:
+        raise ValueError(f"objectives: {settings.objectives!r} does not match the directions of Optuna study "
+                         f"{settings.name!r} in {storage_display(settings)!r}; use another --study-name")
+    old = s.user_attrs.get(S_FINGERPRINT)
+    if old:
+        diff = _fingerprint_diff(old, fp)
+        if diff:
+            raise ValueError(f"{diff} (Optuna study {settings.name!r} in {storage_display(settings)!r}); use "
+                             "another --study-name or --out to start a new study")
+    return True
+
+
+@contextlib.contextmanager
+def coordinator_lock(study_dir: Path):
+    """Only one coordinator (results-store writer) per study directory at a time."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = study_dir / ".coordinator.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise ValueError(f"out: another 'tpsexplore search' (pid {other}) is running on {str(study_dir)!r}; "
+                             "add workers to it with --storage from another directory, or wait") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ============================================================================= setup (writes)
+def create_study(settings: SearchSettings, space: SearchSpace, fp: dict[str, Any]) -> optuna.Study:
+    storage = open_storage(settings)
+    study = optuna.create_study(study_name=settings.name, storage=storage, directions=settings.directions,
+                                load_if_exists=True)
+    if S_FINGERPRINT not in study.user_attrs:
+        study.set_user_attr(S_FINGERPRINT, fp)
+    if not study.user_attrs.get(S_ENQUEUED):
+        study.set_user_attr(S_ENQUEUED, True)
+        study.enqueue_trial({}, user_attrs={A_ROLE: "baseline"})
+        if settings.sampler.name != "grid":  # a grid visits the defaults anyway
+            for params in space.default_params():
+                study.enqueue_trial(params, user_attrs={A_ROLE: "default"})
+    return study
+
+
+def write_study_json(settings: SearchSettings, space: SearchSpace, task: Any, device: torch.device,
+                     objectives: list[str]) -> Path:
+    from ..measure.environment import environment_info
+
+    env = environment_info(device)
+    data = {
+        "study": settings.name, "optuna_study_name": settings.name, "backbone": settings.backbone,
+        "budget": settings.budget,
+        "objectives": objectives, "objective_names": settings.objectives,
+        "methods": [v.key for v in space.variants], "excluded_methods": space.excluded,
+        "data": task.data_info, "weights": task.weights_info,
+        "fidelity": {"zero_shot": "evaluated for every built trial; gate before fine-tuning",
+                     "finetune_steps": settings.finetune_steps, "gate": vars(settings.gate),
+                     "accuracy_objective": f"accuracy_top1@{settings.accuracy_fidelity}"},
+        "device": str(device), "seed": settings.seed, "trials": settings.trials, "timeout_s": settings.timeout,
+        "workers": settings.workers,
+        "optuna_storage": storage_display(settings), "optuna_storage_kind": storage_kind(settings.storage),
+        "results_db": str(settings.study_dir / "results.db"),
+        "weights_dir": str(settings.study_dir / "weights"),
+        "weights_kept": "every fine-tuned (complete) trial; gated, infeasible and failed trials are never "
+                        "fine-tuned, so they have no weights",
+        "space": space.describe(), "sampler": vars(settings.sampler), "measure": vars(settings.measure),
+        "settings": settings.to_dict(),
+        "versions": {k: env.get(k) for k in ("python", "torch", "timm", "optuna", "fvcore", "tpsexplore",
+                                              "git_commit", "git_dirty")},
+        "environment": env,
+    }
+    path = settings.study_dir / "study.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ============================================================================= workers
+def _worker_context(settings: SearchSettings, index: int, n_workers: int, stop: Callable[[], bool],
+                    task: Any = None) -> TrialContext:
+    from ..measure.environment import environment_info
+    from .task import Task
+
+    device = resolve_device(settings.device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", index % torch.cuda.device_count())
+    if device.type == "cpu" and n_workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    if task is None or task.device != device:
+        task = Task(settings, device)
+    task.prepare(progress=False)
+    space = _space(settings, task)
+    storage = open_storage(settings)
+    trials_now = len(optuna.load_study(study_name=settings.name, storage=storage).get_trials(deepcopy=False))
+    study = retries_first(optuna.load_study(
+        study_name=settings.name, storage=storage,
+        sampler=make_sampler(settings, salt=7919 * (index + 1) + 104729 * trials_now, grid=space.grid_space())))
+    return TrialContext(settings=settings, space=space, task=task, study=study,
+                        weights_dir=settings.study_dir / "weights", environment=environment_info(device),
+                        device=device, stop=stop, baseline_model=task.new_model())
+
+
+def worker_loop(ctx: TrialContext, index: int, deadline: float | None) -> str:
+    """Ask/evaluate/tell until --trials are done, the deadline passes or a stop is requested.
+
+    Returns why it stopped ('trials', 'timeout', 'stopped'); re-raises KeyboardInterrupt after recording.
+    """
+    identity = worker_identity(index)
+    study = ctx.study
+    while True:
+        if ctx.stop():
+            return "stopped"
+        if deadline is not None and time.time() >= deadline:
+            return "timeout"
+        if counted(study.get_trials(deepcopy=False)) >= ctx.settings.trials:
+            return "trials"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trial = study.ask()
+        trial.set_user_attr(A_WORKER, identity)
+        trial.set_user_attr(A_HEARTBEAT, time.time())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                outcome, values = run_trial(ctx, trial)
+        except KeyboardInterrupt as exc:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
+                if threading.current_thread() is threading.main_thread() else None
+            try:
+                record_failure(trial, exc, interrupted=True)
+                study.tell(trial, state=TrialState.FAIL)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded; the study goes on
+            record_failure(trial, exc, interrupted=False)
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        if outcome == "complete":
+            study.tell(trial, values=values)
+        else:
+            study.tell(trial, state=TrialState.PRUNED)
+
+
+def _worker_process(settings: SearchSettings, index: int, n_workers: int, deadline: float | None,
+                    parent: int) -> None:
+    """Entry point of a spawned worker process."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stop = lambda: os.getppid() != parent  # noqa: E731 - the coordinator died: finish this trial, stop
+    try:
+        ctx = _worker_context(settings, index, n_workers, stop)
+        worker_loop(ctx, index, deadline)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _space(settings: SearchSettings, task: Any) -> SearchSpace:
+    space = SearchSpace(task.geometry, settings.budget, resolve_variants(settings.methods), settings.max_stages,
+                        settings.space, settings.seed)
+    if not space.variants:
+        why = "; ".join(f"{k}: {v}" for k, v in space.excluded.items())
+        raise ValueError(f"methods: no requested method can meet budget {settings.budget:g}: {why}")
+    return space
+
+
+# ============================================================================= the search
+class _Coordinator(threading.Thread):
+    """Mirrors Optuna into the results store and drives the progress display, every ``interval`` s."""
+
+    def __init__(self, settings: SearchSettings, mirror: Mirror, progress: Progress, interval: float = 1.0):
+        super().__init__(name="tpsx-coordinator", daemon=True)
+        self.settings, self.mirror, self.progress, self.interval = settings, mirror, progress, interval
+        self.study = optuna.load_study(study_name=settings.name, storage=open_storage(settings))
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+        self._last_recover = time.time()
+
+    def tick(self) -> None:
+        if time.time() - self._last_recover >= RECOVER_EVERY_S:
+            self._last_recover = time.time()
+            failed, requeued = recover(self.study)  # workers that died since (crash, OOM kill, other hosts)
+            if failed:
+                print(f"[search] trial(s) {', '.join(map(str, failed))} lost their worker; marked failed"
+                      + (f", configs re-queued" if requeued else ""), file=sys.stderr)
+        trials = self.study.get_trials(deepcopy=False)
+        self.mirror.sync(trials)
+        self.progress.update(trials)
+
+    def run(self) -> None:
+        while not self.halt.wait(self.interval):
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
+                self.error = e
+                return
+
+
+def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
+    """The whole `tpsexplore search` (see the module docstring); prints the front to ``out`` (stdout)."""
+    from .task import Task
+
+    out = out or sys.stdout
+    t_start = time.time()
+    deadline = t_start + settings.timeout if settings.timeout else None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    # ---- checks: nothing is written before all of them pass
+    check_output_dir(settings)
+    device = resolve_device(settings.device)
+    task = Task(settings, device)
+    space = _space(settings, task)
+    objectives = store_objectives(settings, device)
+    fp = fingerprint(settings, task)
+    db_path = settings.study_dir / "results.db"
+    n_stored = check_results_db(db_path, settings, objectives, task)
+    has_optuna = check_optuna(settings, fp)
+    if n_stored and not has_optuna:
+        raise ValueError(f"storage: {str(db_path)!r} holds {n_stored} trials of study {settings.name!r} but the "
+                         f"Optuna storage {storage_display(settings)!r} has no such study; give the --storage it "
+                         "was run with, or use another --out")
+    notes = [f"method {k} left out: {v}" for k, v in space.excluded.items()]
+
+    with coordinator_lock(settings.study_dir):
+        # ---- both stores
+        study = create_study(settings, space, fp)
+        store = ResultsStore(db_path)
+        try:
+            study_row = store.get_or_create_study(
+                settings.name, backbone=settings.backbone, budget=float(settings.budget), objectives=objectives,
+                data=task.data_description, weights=task.weights_description,
+                settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings)})
+            for note in notes:
+                print(f"[search] {note}", file=sys.stderr)
+            task.prepare(progress=settings.progress)
+            write_study_json(settings, space, task, device, objectives)
+            failed, requeued = recover(study)
+            if failed:
+                print(f"[search] resumed: trial(s) {', '.join(map(str, failed))} were interrupted (worker gone); "
+                      f"marked failed", file=sys.stderr)
+            if requeued:
+                print(f"[search] re-queued the configs of interrupted trial(s) {', '.join(map(str, requeued))}",
+                      file=sys.stderr)
+            mirror = Mirror(store, study_row)
+            mirror.sync(study.get_trials(deepcopy=False))
+            progress = Progress(settings.trials, enabled=settings.progress,
+                                cost_name=settings.cost_objective,
+                                maximize_cost=settings.cost_objective == "throughput",
+                                baseline_gmacs=space.baseline_gmacs)
+            interrupted = False
+            try:
+                if settings.workers == 1:
+                    interrupted = _run_in_process(settings, mirror, progress, deadline, task)
+                else:
+                    interrupted = _run_processes(settings, mirror, progress, deadline)
+            finally:
+                final = optuna.load_study(study_name=settings.name, storage=open_storage(settings))
+                trials = final.get_trials(deepcopy=False)
+                mirror.sync(trials)
+                progress.update(trials)
+                progress.close()
+            outcome = _summarise(settings, trials, space, out, t_start, interrupted)
+            outcome.notes = notes
+            return outcome
+        finally:
+            store.close()
+
+
+def _run_in_process(settings: SearchSettings, mirror: Mirror, progress: Progress, deadline: float | None,
+                    task: Any) -> bool:
+    """One worker in this (main) thread; the mirror/progress in a thread beside it."""
+    ctx = _worker_context(settings, 0, 1, stop=lambda: False, task=task)
+    coord = _Coordinator(settings, mirror, progress)
+    coord.tick()
+    coord.start()
+    interrupted = False
+    try:
+        worker_loop(ctx, 0, deadline)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        coord.halt.set()
+        coord.join()
+    if coord.error is not None:
+        raise coord.error
+    return interrupted
+
+
+def _run_processes(settings: SearchSettings, mirror: Mirror, progress: Progress, deadline: float | None
+                   ) -> bool:
+    """N spawned worker processes; this process mirrors and shows progress until they are done."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_process, args=(settings, i, settings.workers, deadline, os.getpid()),
+                         name=f"tpsx-worker-{i}", daemon=False) for i in range(settings.workers)]
+    for p in procs:
+        p.start()
+    coord = _Coordinator(settings, mirror, progress)
+    interrupted = False
+    try:
+        while any(p.is_alive() for p in procs):
+            coord.tick()
+            for p in procs:
+                p.join(timeout=1.0 / len(procs))
+    except KeyboardInterrupt:
+        interrupted = True
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for p in procs:
+                if p.is_alive() and p.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGINT)
+            t_end = time.time() + 60
+            for p in procs:
+                p.join(timeout=max(0.1, t_end - time.time()))
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    bad = [p.exitcode for p in procs if p.exitcode not in (0, 130, -signal.SIGINT)]
+    if bad and not interrupted:
+        print(f"[search] warning: worker process(es) exited with code(s) {bad}", file=sys.stderr)
+    return interrupted
+
+
+def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: Any, t_start: float,
+               interrupted: bool) -> SearchOutcome:
+    counts: dict[str, int] = {}
+    for t in trials:
+        if t.state == TrialState.WAITING:
+            continue
+        key = end(t, "outcome") or t.state.name.lower()
+        counts[key] = counts.get(key, 0) + 1
+    maximize = settings.cost_objective == "throughput"
+    front = pareto_front(trials, maximize)
+    extra: dict[int, dict[str, Any]] = {}
+    for t in trials:
+        for m in record(t, "measurements") or []:
+            if m.get("kind") == "speedup" and m.get("batch_size", 0) != 1:
+                extra.setdefault(t.number, {})["speedup"] = m["value"]
+    elapsed = time.time() - t_start
+    d = settings.study_dir
+    lines = [
+        "",
+        f"Pareto front of study {settings.name!r} ({settings.objectives}; feasible = at most "
+        f"{settings.budget:g} x baseline {space.baseline_gmacs:.4f} GMACs = {space.budget_gmacs:.4f} GMACs; "
+        f"accuracy = top-1 {settings.accuracy_fidelity.replace('_', '-')}):",
+        front_table(front, settings.cost_objective, space.baseline_gmacs, extra) if front
+        else "  (no feasible complete trial yet)",
+        "",
+        f"trials: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} "
+        f"(counted {counted(trials)} of {settings.trials}); elapsed {elapsed / 60:.1f} min"
+        + ("; interrupted by Ctrl-C (rerun the same command to resume)" if interrupted else ""),
+        f"study directory: {d}",
+        f"  results store : {d / 'results.db'} (SQLite; tpsexplore.storage.ResultsStore)",
+        f"  optuna storage: {storage_display(settings)} (optuna-dashboard "
+        f"{storage_display(settings) if storage_kind(settings.storage) != 'journal' else d / 'optuna.journal'})",
+        f"  settings      : {d / 'study.json'}",
+        f"  weights       : {d / 'weights'}/trial_<n>.safetensors (fine-tuned trials)",
+        f"  report        : tpsexplore report {d}  (writes {d / 'report'}/)",
+    ]
+    print("\n".join(lines), file=out, flush=True)
+    return SearchOutcome(study_dir=d, exit_code=130 if interrupted else 0, counts=counts, front=front,
+                         elapsed_s=elapsed, interrupted=interrupted)
