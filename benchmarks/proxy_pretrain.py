@@ -95,12 +95,12 @@ def main() -> None:
               flush=True)
         key = ("backbone", "seed", "proxy_config")
         runs = [r for r in runs if any(r.get(k) != rec[k] for k in key)] + [rec]
-    doc = {
+    doc.update({  # other keys already in the file (e.g. the geometry search notes) are kept
         "what": "proxy pre-training of unreduced backbones on scikit-learn digits (not ImageNet), from random init",
         "targets": {"val_top1": TARGET_TOP1, "seconds": TARGET_SECONDS, "backbone": "deit_t", "cores": 2},
         "environment": environment_info("cpu"),
         "runs": runs,
-    }
+    })
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")

@@ -333,7 +333,8 @@ def evaluate(model: torch.nn.Module, val: Dataset, batch_size: int = 256, *, pro
 class ProxyConfig:
     """How the unreduced backbone is pre-trained on the digits proxy (from random init).
 
-    The defaults are the measured recipe (benchmarks/proxy_pretrain.py). ``model_kwargs`` are extra
+    The defaults are the measured recipe (benchmarks/proxy_pretrain.py): deit_t at 56x56 / patch 8 reaches
+    93-95% val top-1 in 14 epochs, ~4.5 minutes on 2 CPU cores; deit_s takes ~3.4x as long. ``model_kwargs`` are extra
     timm overrides (e.g. depth, embed_dim for a tiny test model); they change the cache key.
     min_top1: below this the run raises instead of caching a poor stand-in (None: no check).
     """

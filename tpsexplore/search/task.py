@@ -175,7 +175,8 @@ class Task:
         return model.to(self.device).eval()
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        out = evaluate(model, self.val_set, progress=False, device=self.device)
+        out = evaluate(model, self.val_set, self.finetune_kwargs.get("eval_batch_size", 256), progress=False,
+                       device=self.device, num_workers=self.finetune_kwargs.get("num_workers", 0))
         out["provenance"] = "proxy-digits" if self.proxy else "real-data"
         return out
 
@@ -185,8 +186,12 @@ class Task:
         cfg = FinetuneConfig(**{**self.finetune_kwargs, "steps": steps, "seed": seed, "progress": False,
                                 "device": str(self.device)})
         hook = (lambda step: on_step(step, 0.0)) if on_step is not None else (lambda step: None)
-        train = _CountingData(self.train_set, hook) if isinstance(self.train_set, TensorData) \
-            else _CountingDataset(self.train_set, cfg.batch_size, hook)
+        if isinstance(self.train_set, TensorData):
+            train = _CountingData(self.train_set, hook)
+        elif cfg.num_workers == 0:
+            train = _CountingDataset(self.train_set, cfg.batch_size, hook)
+        else:  # loader worker processes must not write to the Optuna storage: no per-step progress then
+            train = self.train_set
         teacher = self.new_model() if self.distill else None
         record = finetune(model, train, None, cfg, teacher=teacher)
         keep = ("steps", "epochs", "batch_size", "lr", "train_seconds", "loss_start", "loss_end", "amp")
