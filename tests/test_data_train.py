@@ -25,18 +25,12 @@ from tpsexplore.measure.train import (
 )
 from tpsexplore.reduce import ReductionConfig, apply, last_info
 
-IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample")
+from conftest import IMAGENET_SAMPLE  # noqa: E402
 TINY = dict(depth=2, embed_dim=32, num_heads=2)
 FAST = dict(batch_size=32, lr=3e-3, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: tiny models gain nothing from two, and on a shared CPU they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_vit(img_size: int = 16, patch_size: int = 4, num_classes: int = 10, **kw):

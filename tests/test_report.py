@@ -34,7 +34,7 @@ from tpsexplore.storage import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "pareto_analysis.ipynb"
-IMAGENET_SAMPLE = Path("/work/shared/data/imagenet-sample")
+from conftest import IMAGENET_SAMPLE  # noqa: E402
 TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2)  # 16 patch tokens, like studies/smoke
 BUDGET = 0.7
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,12 +56,7 @@ TRIALS = [
 SQUEEZE_BONUS = {"etps": 0.04, "dtps": 0.05, "similarity+squeeze": 0.02}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- study fixtures

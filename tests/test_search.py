@@ -46,12 +46,7 @@ def proxy_cache(tmp_path_factory):
         os.environ["TPSEXPLORE_CACHE"] = old
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def _env(cache: Path) -> dict[str, str]:
