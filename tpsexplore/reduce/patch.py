@@ -114,8 +114,7 @@ def _run_block(blk: Block, s: TokenState, stage: ReductionStage | None, cfg: Red
     bias = None
     if s.size is not None:  # ToMe proportional attention: + log(size) over the key axis
         bias = s.size.log()[:, None, None, :, 0].to(s.x.dtype)
-    out, cls_scores, metric = _attention(blk.attn, blk.norm1(s.x), bias, need_cls, need_metric,
-                                         s.mask if s.mask is not None else None, p)
+    out, cls_scores, metric = _attention(blk.attn, blk.norm1(s.x), bias, need_cls, need_metric, s.mask, p)
     s.x = s.x + blk.drop_path1(blk.ls1(out))
     if need_cls:
         _reduce_select(stage, s, cls_scores, cfg)
@@ -323,7 +322,7 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
                 blk.tps_stage.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     model.__class__ = _patched_class(type(model))
     model.tps_config = config
-    model.tps_options = {"track_sources": track_sources, "grid": model.patch_embed.grid_size}
+    model.tps_options = {"track_sources": track_sources}
     model.tps_schedule = sched
     return model
 
