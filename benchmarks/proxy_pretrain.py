@@ -46,7 +46,7 @@ def run_one(backbone: str, seed: int, cfg: ProxyConfig, progress: bool) -> dict:
         "epochs": cfg.epochs,
         "steps": info["steps"],
         "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
+        "lr": info["lr"],
         "proxy_shift": cfg.proxy_shift,
         "val_top1": info["val_top1"],
         "val_top5": info["val_top5"],
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=defaults.img_size)
     ap.add_argument("--patch-size", type=int, default=defaults.patch_size)
     ap.add_argument("--epochs", type=float, default=defaults.epochs)
-    ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--lr", type=float, default=defaults.lr, help="default: proxy_lr(width), 5e-4 for deit_t")
     ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
     ap.add_argument("--shift", type=float, default=defaults.proxy_shift, help="random-shift augmentation")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

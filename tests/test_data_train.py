@@ -20,6 +20,7 @@ from tpsexplore.measure.train import (
     evaluate,
     finetune,
     proxy_backbone,
+    proxy_lr,
     token_distill_loss,
     tps_lr,
 )
@@ -216,6 +217,7 @@ def test_evaluate_top1_top5(proxy_small):
 def test_default_lr_follows_tps_rule():
     assert FinetuneConfig(batch_size=256).base_lr == pytest.approx(6.25e-5) == tps_lr(256)
     assert FinetuneConfig(epochs=2, batch_size=10).total_steps(55) == 10  # 5 full batches per epoch
+    assert proxy_lr(192) == 5e-4 and proxy_lr(384) == pytest.approx(1.25e-4)  # deit_t, deit_s
 
 
 def test_nan_loss_raises_floating_point_error(proxy_small):
@@ -264,7 +266,7 @@ def test_proxy_cache_written_then_reused(tmp_path, capsys):
                       min_top1=None, model_kwargs=TINY)
     model, info = proxy_backbone("deit_t", seed=0, cache_dir=tmp_path, cfg=cfg)
     err = capsys.readouterr().err
-    assert info["cache"] == "trained" and "training deit_t on the digits proxy" in err
+    assert info["cache"] == "trained" and "training deit_t on the digits proxy" in err and info["lr"] == 3e-3
     assert info["weights_note"] == "proxy-pretrained on digits, not ImageNet"
     assert (info["img_size"], info["patch_size"], info["num_patches"], info["num_tokens"]) == (16, 4, 16, 17)
     files = list(tmp_path.iterdir())

@@ -23,6 +23,7 @@ from tpsexplore.measure.flops import geometry
 from tpsexplore.reduce import ReductionConfig
 from tpsexplore.search.backend import (A_INTERRUPTED, A_RETRY_OF, A_ROLE, SearchJournalBackend, end, info,
                                        make_sampler, open_storage)
+from tpsexplore.search.runner import busy_cores, cpu_threads
 from tpsexplore.search.objective import GateSettings, TrialContext, gate_decision, run_trial
 from tpsexplore.search.space import SearchSpace, SpaceSettings, default_variants, resolve_variants
 from tpsexplore.search.spec import build_settings, load_study_file
@@ -175,6 +176,20 @@ def test_gate_stops_only_configs_that_cannot_reach_the_front():
     assert gate_decision(trials, "etps", 0.66, 0.41, False, gate).go  # 0.83 > 0.80
     assert gate_decision(trials[:2], "etps", 0.10, 0.41, False, gate).go  # too few fine-tuned trials: open
     assert gate_decision(trials, "etps", 0.10, 0.41, False, GateSettings(enabled=False)).go
+
+
+def test_cpu_threads_explicit_env_or_idle_cores(monkeypatch):
+    cpu = torch.device("cpu")
+    assert cpu_threads(build_settings({"threads": 1}), cpu) == (1, "set by threads")
+    with pytest.raises(ValueError, match=r"^threads: -1 is not an integer >= 0"):
+        build_settings({"threads": -1})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(build_settings({}), cpu)[1] == "OMP_NUM_THREADS"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    busy = busy_cores(samples=2, interval=0.0)
+    assert busy is None or busy >= 0
+    n, why = cpu_threads(build_settings({}), cpu)
+    assert 1 <= n <= (os.cpu_count() or 1) and ("idle core" in why or why == "torch's default")
 
 
 def test_study_files_parse_and_build():

@@ -20,15 +20,15 @@ from .data import DataSpec, build_datasets
 from .environment import environment_info
 from .flops import analytic_macs, analytic_params, geometry, geometry_from_model, traced_macs
 from .throughput import ThroughputConfig, measure_pair, resolve_device
-from .train import FinetuneConfig, evaluate, finetune, proxy_backbone
+from .train import FinetuneConfig, ProxyConfig, evaluate, finetune, proxy_backbone
 
 
 @dataclass
 class ProfileConfig:
     """What to profile and how hard to measure it.
 
-    data None uses the offline digits proxy task with proxy-pretrained weights (trained once, cached);
-    with data, weights come from the timm hub (``weights='pretrained'``), a ``checkpoint`` or random init.
+    data None uses the offline digits proxy task with proxy-pretrained weights (trained once, cached; ``proxy``
+    overrides the pre-training recipe and geometry); with data, weights come from the timm hub (``weights='pretrained'``), a ``checkpoint`` or random init.
     finetune_steps 0 skips the fine-tune (zero-shot only).
     """
 
@@ -50,6 +50,7 @@ class ProfileConfig:
     train_limit: int | None = None
     seed: int = 0
     cache_dir: str | None = None
+    proxy: ProxyConfig | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,7 +74,8 @@ class ProfileConfig:
 def load_model_and_data(cfg: ProfileConfig) -> tuple[torch.nn.Module, Any, Any, dict[str, Any], dict[str, Any]]:
     """The unreduced backbone with its weights, and (train, val) data with their descriptions."""
     if cfg.data is None:
-        model, winfo = proxy_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir, progress=cfg.progress)
+        model, winfo = proxy_backbone(cfg.backbone, seed=cfg.seed, cache_dir=cfg.cache_dir, cfg=cfg.proxy,
+                                       progress=cfg.progress)
         spec = DataSpec(**{**winfo["data_spec"], "val_limit": cfg.val_limit, "train_limit": cfg.train_limit})
         weights = {"source": "proxy", "note": winfo["weights_note"], "checkpoint": winfo.get("checkpoint"),
                    "proxy_val_top1": winfo.get("val_top1")}
@@ -101,7 +103,7 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     base_macs, red_macs = analytic_macs(ReductionConfig(), geo), analytic_macs(cfg.reduction, geo)
     traced = traced_macs(model)
     with torch.inference_mode():
-        model(torch.zeros(1, 3, geo.img_size, geo.img_size))
+        model(torch.zeros(1, geo.in_chans, *geo.img_size))
     counts = [list(c) for c in model.tps_last_info.token_counts]
     result: dict[str, Any] = {
         "backbone": {"name": cfg.backbone, "timm_name": getattr(baseline, "tps_backbone").timm_name,
@@ -147,6 +149,11 @@ def _throughput_row(base, red) -> dict[str, Any]:
             "telemetry": red.telemetry.to_dict() if red.telemetry is not None else None}
 
 
+def _px(size: Any) -> str:
+    """(56, 56) -> '56x56'; an int stays as it is."""
+    return "x".join(str(v) for v in size) if isinstance(size, (list, tuple)) else str(size)
+
+
 def _say(cfg: ProfileConfig, text: str) -> None:
     if cfg.progress:
         print(f"profile: {text}", file=sys.stderr, flush=True)
@@ -157,8 +164,8 @@ def format_profile(r: dict[str, Any]) -> str:
     g, acc = r["gmacs"], r["accuracy"]
     env = r["environment"]
     lines = [
-        f"tpsexplore profile: {r['backbone']['name']} ({r['backbone']['timm_name']}, {r['backbone']['img_size']}px, "
-        f"patch {r['backbone']['patch_size']}) — {r['label']}",
+        f"tpsexplore profile: {r['backbone']['name']} ({r['backbone']['timm_name']}, {_px(r['backbone']['img_size'])} px, "
+        f"patch {_px(r['backbone']['patch_size'])}) — {r['label']}",
         f"  data     {r['data'].get('note') or r['data'].get('source')}",
         f"  weights  {r['weights']['note']}",
         f"  tokens   {' -> '.join(str(n) for n in distinct_counts(r['token_counts']))} (per block: "

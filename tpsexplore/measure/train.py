@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -334,8 +334,10 @@ class ProxyConfig:
     """How the unreduced backbone is pre-trained on the digits proxy (from random init).
 
     The defaults are the measured recipe (benchmarks/proxy_pretrain.py): deit_t at 56x56 / patch 8 reaches
-    93-95% val top-1 in 14 epochs, ~4.5 minutes on 2 CPU cores; deit_s takes ~3.4x as long. ``model_kwargs`` are extra
-    timm overrides (e.g. depth, embed_dim for a tiny test model); they change the cache key.
+    93-95% val top-1 in 14 epochs, ~4.5 minutes on 2 CPU cores; deit_s takes ~3.4x as long. lr None uses
+    `proxy_lr` (wider models need a smaller lr from scratch: deit_s stays at chance with deit_t's 5e-4).
+    ``model_kwargs`` are extra timm overrides (e.g. depth, embed_dim for a tiny test model); they change the
+    cache key.
     min_top1: below this the run raises instead of caching a poor stand-in (None: no check).
     """
 
@@ -343,7 +345,7 @@ class ProxyConfig:
     patch_size: int = PROXY_PATCH_SIZE
     epochs: float = 14.0
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float | None = None
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     min_lr: float = 1e-6
@@ -363,6 +365,11 @@ class ProxyConfig:
                               weight_decay=self.weight_decay, warmup_fraction=self.warmup_fraction,
                               min_lr=self.min_lr, ratio_weight=0.0, amp="auto", device=self.device, seed=seed,
                               progress=progress, desc="proxy pre-train")
+
+
+def proxy_lr(embed_dim: int) -> float:
+    """From-scratch lr of the proxy recipe: 5e-4 at deit_t's width 192, scaled by (192 / width)^2."""
+    return 5e-4 * (192 / embed_dim) ** 2
 
 
 def default_cache_dir() -> Path:
@@ -389,11 +396,13 @@ def proxy_backbone(name: str, seed: int = 0, cache_dir: str | Path | None = None
     """
     cfg = cfg or ProxyConfig()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = proxy_cache_path(name, seed, cache_dir, cfg)
     overrides = {**proxy_model_kwargs(cfg.img_size, cfg.patch_size), **cfg.model_kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the random init is part of what the cache key's seed fixes
         model = create_backbone(name, weights="random", **overrides)
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=proxy_lr(model.embed_dim))
+    path = proxy_cache_path(name, seed, cache_dir, cfg)
     if path.is_file():
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -412,8 +421,9 @@ def proxy_backbone(name: str, seed: int = 0, cache_dir: str | Path | None = None
     train, val, data_info = build_datasets(spec, model)
     if progress:
         print(f"proxy: training {name} on the {PROXY_NAME} proxy ({cfg.img_size}x{cfg.img_size}, patch "
-              f"{cfg.patch_size}, {data_info.get('num_patches')} patch tokens, {cfg.epochs:g} epochs, seed {seed}) "
-              f"from random init; it stands in for ImageNet weights; cached at {path}", file=sys.stderr)
+              f"{cfg.patch_size}, {data_info.get('num_patches')} patch tokens, {cfg.epochs:g} epochs, "
+              f"lr {cfg.lr:.3g}, seed {seed}) from random init; it stands in for ImageNet weights; "
+              f"cached at {path}", file=sys.stderr)
     record = finetune(model, train, val, cfg.finetune_config(seed, progress))
     if cfg.min_top1 is not None and record["top1"] < cfg.min_top1:
         raise RuntimeError(f"proxy: {name} reached val top-1 {record['top1']:.3f} < {cfg.min_top1} on the "
@@ -430,6 +440,7 @@ def proxy_backbone(name: str, seed: int = 0, cache_dir: str | Path | None = None
         "train_seconds": record["train_seconds"],
         "steps": record["steps"],
         "epochs": cfg.epochs,
+        "lr": cfg.lr,
         "device": record["device"],
         "img_size": cfg.img_size,
         "patch_size": cfg.patch_size,

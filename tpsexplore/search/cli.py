@@ -15,7 +15,7 @@ import sys
 from .spec import DEFAULT_FINETUNE_STEPS, DEFAULT_TRIALS, OBJECTIVES
 
 _FLAGS = ("backbone", "budget", "trials", "timeout", "methods", "max_stages", "objectives", "finetune_steps",
-          "device", "study_name", "out", "storage", "workers", "seed", "data", "checkpoint")
+          "device", "study_name", "out", "storage", "workers", "seed", "threads", "data", "checkpoint")
 
 
 def _budget(text: str) -> float:
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "several; default 1)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, help="seed of the sampler, the data and the fine-tunes (default 0)")
+    g.add_argument("--threads", type=int, help="CPU torch threads (default 0: one per core not busy with other "
+                   "processes)")
     g = parser.add_argument_group("data and weights (default: offline proxy task, proxy-pretrained weights)")
     g.add_argument("--data", metavar="PATH", help="real data (an ImageFolder root with train/ and val/)")
     g.add_argument("--checkpoint", metavar="PATH", help="backbone weights (.pth/.pt/.safetensors)")

@@ -74,6 +74,45 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def busy_cores(samples: int = 5, interval: float = 0.05) -> int | None:
+    """Cores other processes keep busy right now: the fewest runnable tasks over a few samples, minus this one.
+
+    Read from /proc/stat's procs_running (Linux); None where that is not available. The 1-minute load average
+    is not used: it lags by minutes and would starve a run started right after other work finished.
+    """
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                counts += [int(line.split()[1]) for line in f if line.startswith("procs_running")]
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(counts) - 1) if counts else None
+
+
+def cpu_threads(settings: SearchSettings, device: torch.device) -> tuple[int, str]:
+    """Intra-op threads for CPU work: ``threads`` if set, OMP_NUM_THREADS if set, else the idle cores.
+
+    On a shared CPU, torch's default (one thread per core) oversubscribes the cores other processes use and
+    its spinning threads slow every step several-fold; one thread per idle core (at least one) avoids that
+    and equals the default on an idle machine. Chosen once per run, so a run's throughputs are comparable.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type != "cpu":
+        return torch.get_num_threads(), "device is not the CPU: torch's default"
+    if settings.threads:
+        return settings.threads, "set by threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    busy = busy_cores()
+    if busy is None:
+        return torch.get_num_threads(), "torch's default"
+    n = max(1, cores - busy)
+    return n, f"{cores} cores, {busy} busy with other processes: one thread per idle core"
+
+
 def check_output_dir(settings: SearchSettings) -> None:
     """The study directory (or its nearest existing ancestor) must be a writable directory."""
     target = settings.study_dir.absolute()
@@ -212,7 +251,8 @@ def write_study_json(settings: SearchSettings, space: SearchSpace, task: Any, de
         "fidelity": {"zero_shot": "evaluated for every built trial; gate before fine-tuning",
                      "finetune_steps": settings.finetune_steps, "gate": vars(settings.gate),
                      "accuracy_objective": f"accuracy_top1@{settings.accuracy_fidelity}"},
-        "device": str(device), "seed": settings.seed, "trials": settings.trials, "timeout_s": settings.timeout,
+        "device": str(device), "cpu_threads": torch.get_num_threads(), "seed": settings.seed,
+        "trials": settings.trials, "timeout_s": settings.timeout,
         "workers": settings.workers,
         "optuna_storage": storage_display(settings), "optuna_storage_kind": storage_kind(settings.storage),
         "results_db": str(settings.study_dir / "results.db"),
@@ -242,7 +282,8 @@ def _worker_context(settings: SearchSettings, index: int, n_workers: int, stop: 
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         device = torch.device("cuda", index % torch.cuda.device_count())
     if device.type == "cpu" and n_workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+        threads, _ = cpu_threads(settings, device)
+        torch.set_num_threads(max(1, threads // n_workers))
     if task is None or task.device != device:
         task = Task(settings, device)
     task.prepare(progress=False)
@@ -391,6 +432,10 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
                 settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings)})
             for note in notes:
                 print(f"[search] {note}", file=sys.stderr)
+            threads, why = cpu_threads(settings, device)
+            if device.type == "cpu":
+                torch.set_num_threads(threads)
+                print(f"[search] CPU: {threads} torch thread(s) ({why})", file=sys.stderr)
             task.prepare(progress=settings.progress)
             write_study_json(settings, space, task, device, objectives)
             failed, requeued = recover(study)

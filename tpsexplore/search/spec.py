@@ -138,6 +138,7 @@ class SearchSettings:
     seed: int = 0
     data: str | None = None
     checkpoint: str | None = None
+    threads: int = 0
     progress: bool = True
     study_file: str | None = None
     space: SpaceSettings = field(default_factory=SpaceSettings)
@@ -205,6 +206,8 @@ class SearchSettings:
             raise ValueError(f"workers: {self.workers!r} is not an integer >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: {self.seed!r} is not an integer")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads: {self.threads!r} is not an integer >= 0 (0 = automatic)")
         kind = storage_kind(self.storage)
         if kind == "sqlite" and self.workers > 1:
             raise ValueError(f"storage: a SQLite URL ({self.storage}) allows one worker only (SQLite locks under "
