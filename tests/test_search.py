@@ -248,6 +248,35 @@ def test_smoke_search_records_everything(smoke_run):
     assert len(feasible) >= 3
 
 
+@pytest.mark.parametrize("objectives,column,direction", [
+    ("accuracy,throughput", "throughput@bs16/fp32/cpu", optuna.study.StudyDirection.MAXIMIZE),
+    ("accuracy,latency", "latency_ms@bs1/fp32/cpu", optuna.study.StudyDirection.MINIMIZE),
+])
+def test_measured_speed_objectives(proxy_cache, tmp_path, capsys, objectives, column, direction):
+    name = objectives.replace(",", "_")
+    assert main(["search", "--study", str(SMOKE), "--out", str(tmp_path), "--study-name", name, "--trials", "4",
+                 "--objectives", objectives, "--quiet"]) == 0
+    trials = _optuna_trials(tmp_path / name, name)
+    study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        SearchJournalBackend(str(tmp_path / name / "optuna.journal"))))
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, direction]
+    frame = _frame(tmp_path / name).set_index("number")
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 2
+    for t in done:  # the second objective is the measured speed of that trial, as stored in the results
+        assert t.values[1] == pytest.approx(frame.loc[t.number, column], rel=1e-6)
+    assert "Pareto front of study" in capsys.readouterr().out
+
+
+def test_timeout_stops_starting_trials(proxy_cache, tmp_path, capsys):
+    assert main(["search", "--study", str(SMOKE), "--out", str(tmp_path), "--trials", "60", "--timeout", "2s",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert 1 <= len(_frame(tmp_path / "smoke")) < 60 and "stopped by --timeout 2 s" in out
+    with pytest.raises(ValueError, match=r"^timeout: 'soon' is not a duration"):
+        build_settings({}, {"timeout": "soon"})
+
+
 def test_trial_that_raises_is_recorded_and_the_study_goes_on(proxy_cache, tmp_path, capsys):
     study = _study_file(tmp_path)
     text = study.read_text().replace("[train]\nbatch_size = 32\nlr = 1e-3", "[train]\nbatch_size = 32\nlr = 1e12")

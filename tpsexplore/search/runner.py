@@ -555,7 +555,9 @@ def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: 
         "",
         f"trials: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} "
         f"(counted {counted(trials)} of {settings.trials}); elapsed {elapsed / 60:.1f} min"
-        + ("; interrupted by Ctrl-C (rerun the same command to resume)" if interrupted else ""),
+        + ("; interrupted by Ctrl-C (rerun the same command to resume)" if interrupted else "")
+        + (f"; stopped by --timeout {settings.timeout:g} s (rerun, with a longer one, to go on)"
+           if settings.timeout and not interrupted and counted(trials) < settings.trials else ""),
         f"study directory: {d}",
         f"  results store : {d / 'results.db'} (SQLite; tpsexplore.storage.ResultsStore)",
         f"  optuna storage: {storage_display(settings)} (optuna-dashboard "
