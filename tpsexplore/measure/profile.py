@@ -27,8 +27,9 @@ from .train import FinetuneConfig, ProxyConfig, evaluate, finetune, proxy_backbo
 class ProfileConfig:
     """What to profile and how hard to measure it.
 
-    data None uses the offline digits proxy task with proxy-pretrained weights (trained once, cached; ``proxy``
-    overrides the pre-training recipe and geometry); with data, weights come from the timm hub (``weights='pretrained'``), a ``checkpoint`` or random init.
+    data None uses the offline digits proxy task with proxy-pretrained weights (trained once, cached;
+    ``proxy`` overrides the pre-training recipe and geometry); with data, weights come from the timm hub
+    (``weights='pretrained'``), a ``checkpoint`` or random init.
     finetune_steps 0 skips the fine-tune (zero-shot only).
     """
 
@@ -166,8 +167,8 @@ def format_profile(r: dict[str, Any]) -> str:
     g, acc = r["gmacs"], r["accuracy"]
     env = r["environment"]
     lines = [
-        f"tpsexplore profile: {r['backbone']['name']} ({r['backbone']['timm_name']}, {_px(r['backbone']['img_size'])} px, "
-        f"patch {_px(r['backbone']['patch_size'])}) — {r['label']}",
+        f"tpsexplore profile: {r['backbone']['name']} ({r['backbone']['timm_name']}, "
+        f"{_px(r['backbone']['img_size'])} px, patch {_px(r['backbone']['patch_size'])}) — {r['label']}",
         f"  data     {r['data'].get('note') or r['data'].get('source')}",
         f"  weights  {r['weights']['note']}",
         f"  tokens   {' -> '.join(str(n) for n in distinct_counts(r['token_counts']))} (per block: "

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -432,8 +432,9 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
                 settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings)})
             for note in notes:
                 print(f"[search] {note}", file=sys.stderr)
-            threads, why = cpu_threads(settings, device)
-            if device.type == "cpu":
+            if device.type == "cpu":  # chosen once here; spawned workers split this count
+                threads, why = cpu_threads(settings, device)
+                settings = replace(settings, threads=threads)
                 torch.set_num_threads(threads)
                 print(f"[search] CPU: {threads} torch thread(s) ({why})", file=sys.stderr)
             task.prepare(progress=settings.progress)
