@@ -296,20 +296,20 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def _stamp(self) -> Any:
+        """A recorded CUDA event (read later, no sync now) or the perf_counter time."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def start(self) -> None:
         self.sync()
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._start = time.perf_counter()
+        self._start = self._stamp()
 
     def mark(self) -> None:
-        if self.cuda:
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._end.record()
-        else:
-            self._end = time.perf_counter()
+        self._end = self._stamp()
 
     def elapsed_s(self) -> float:
         if self.cuda:
