@@ -15,6 +15,7 @@ from tpsexplore.measure.environment import environment_info
 from tpsexplore.measure.telemetry import Telemetry, decode_throttle_reasons, read_telemetry
 from tpsexplore.measure.throughput import (
     PairResult,
+    Speedup,
     ThroughputConfig,
     ThroughputResult,
     measure_pair,
@@ -169,6 +170,23 @@ def test_measure_pair_speedup_ratio():
     assert pair.speedup(4, "fp32") > 1.2
     with pytest.raises(KeyError):
         pair.speedup(64, "fp32")
+
+
+def test_pair_cells_pick_the_compared_records_after_an_oom_fallback():
+    def rec(label, batch, status="ok", ips=100.0):
+        return ThroughputResult(label=label, batch_size=batch, requested_batch_size=64, dtype="fp16", device="cuda",
+                                status=status, images_per_s=ips if status == "ok" else None)
+    # baseline fitted 64; the model did not and fell back to 32, so the baseline was measured again at 32
+    pair = PairResult(baseline=[rec("base", 64, ips=500.0), rec("base", 32, ips=450.0)],
+                      model=[rec("m", 64, "oom"), rec("m", 32, ips=900.0)],
+                      speedups=[Speedup("fp16", 64, 32, 450.0, 900.0, 2.0, "batch 64 did not fit; compared at 32")])
+    [(s, base, model)] = pair.cells()
+    assert (base.batch_size, base.images_per_s, model.batch_size, model.status) == (32, 450.0, 32, "ok")
+    # a side that never ran OK: its last try is returned, and no speed-up is claimed
+    failed = PairResult(baseline=[rec("base", 64, "oom"), rec("base", 32, "oom")], model=[rec("m", 64, ips=9.0)],
+                        speedups=[Speedup("fp16", 64, None, None, 9.0, None, "baseline: oom")])
+    [(s, base, model)] = failed.cells()
+    assert (base.batch_size, base.status, model.batch_size, s.speedup) == (32, "oom", 64, None)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -19,7 +19,7 @@ from ..reduce.schedule import distinct_counts
 from .data import DataSpec, build_datasets
 from .environment import environment_info
 from .flops import analytic_macs, analytic_params, geometry, geometry_from_model, traced_macs
-from .throughput import ThroughputConfig, measure_pair, resolve_device
+from .throughput import Speedup, ThroughputConfig, ThroughputResult, measure_pair, resolve_device
 from .train import FinetuneConfig, ProxyConfig, evaluate, finetune, proxy_backbone
 
 
@@ -125,7 +125,7 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     }
     _say(cfg, "measuring throughput (reduced model beside the unreduced baseline)")
     pair = measure_pair(baseline, model, cfg.throughput_config(device), baseline_label="baseline", label=cfg.reduction.label)
-    result["throughput"] = [_throughput_row(b, m) for b, m in zip(pair.baseline, pair.model)]
+    result["throughput"] = [_throughput_row(s, b, m) for s, b, m in pair.cells()]
     result["speedups"] = [asdict(s) for s in pair.speedups]
     _say(cfg, "evaluating zero-shot accuracy (no fine-tune)")
     zero = evaluate(model, val, progress=cfg.progress, device=device)
@@ -142,10 +142,10 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     return result
 
 
-def _throughput_row(base, red) -> dict[str, Any]:
-    return {"batch_size": red.batch_size, "dtype": red.dtype, "device": red.device, "status": red.status,
-            "images_per_s": red.images_per_s, "baseline_images_per_s": base.images_per_s,
-            "speedup": (red.images_per_s / base.images_per_s) if red.ok and base.ok and base.images_per_s else None,
+def _throughput_row(s: Speedup, base: ThroughputResult, red: ThroughputResult) -> dict[str, Any]:
+    return {"batch_size": red.batch_size, "requested_batch_size": s.requested_batch_size, "dtype": red.dtype,
+            "device": red.device, "status": red.status, "note": s.note,
+            "images_per_s": red.images_per_s, "baseline_images_per_s": base.images_per_s, "speedup": s.speedup,
             "latency_ms": red.latency_ms, "spread": [red.images_per_s_min, red.images_per_s_max],
             "peak_mem_bytes": red.peak_mem_bytes, "joules_per_image": red.joules_per_image,
             "baseline_joules_per_image": base.joules_per_image, "error": red.error,
@@ -185,9 +185,13 @@ def format_profile(r: dict[str, Any]) -> str:
         if t["status"] != "ok":
             lines.append(f"  {t['batch_size']:>6} {t['dtype']:>6} {t['device']:>8}   {t['status']}: {t['error'] or ''}")
             continue
-        jpi = f"{t['joules_per_image']:.4f}" if t["joules_per_image"] is not None else "n/a (CPU)"
+        jpi = f"{t['joules_per_image']:.4f}" if t["joules_per_image"] is not None else \
+            ("n/a (CPU)" if t["device"] == "cpu" else "n/a")
+        base = f"{t['baseline_images_per_s']:.1f}" if t["baseline_images_per_s"] is not None else "failed"
+        speedup = f"{t['speedup']:.2f}x" if t["speedup"] is not None else "n/a"
         lines.append(f"  {t['batch_size']:>6} {t['dtype']:>6} {t['device']:>8} {t['images_per_s']:>10.1f} "
-                     f"{t['baseline_images_per_s']:>10.1f} {t['speedup']:>8.2f}x {t['latency_ms']:>11.2f} {jpi:>8}")
+                     f"{base:>10} {speedup:>9} {t['latency_ms']:>11.2f} {jpi:>8}"
+                     + (f"  ({t['note']})" if t.get("note") else ""))
     lines += ["", f"  {'accuracy':<22}{'top-1':>8} {'top-5':>8}"]
     for name in ("baseline", "zero_shot", "finetuned"):
         if name in acc:

@@ -271,6 +271,18 @@ class PairResult:
                 return s.speedup
         raise KeyError(f"batch_size={batch_size}, dtype={dtype!r} was not measured")
 
+    def cells(self) -> list[tuple[Speedup, ThroughputResult, ThroughputResult]]:
+        """Per (dtype, requested batch): the speed-up and the baseline and model records it compares.
+
+        After an OOM fallback a cell has several records per side (the failure, then the smaller batch, and
+        the baseline again at the model's batch); this picks the compared ones, else each side's last try.
+        """
+        def pick(records: list[ThroughputResult], s: Speedup) -> ThroughputResult:
+            cell = [r for r in records if r.dtype == s.dtype and r.requested_batch_size == s.requested_batch_size]
+            return ([r for r in cell if r.ok and r.batch_size == s.batch_size] or cell)[-1]
+
+        return [(s, pick(self.baseline, s), pick(self.model, s)) for s in self.speedups]
+
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": [r.to_dict() for r in self.baseline], "model": [r.to_dict() for r in self.model],
                 "speedups": [asdict(s) for s in self.speedups]}
