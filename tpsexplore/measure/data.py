@@ -157,6 +157,7 @@ def build_datasets(spec: DataSpec, model: torch.nn.Module | None = None) -> tupl
     if not root.is_dir():
         raise ValueError(f"data: {str(root)!r} is not a folder (expected train/ and val/ subfolders or "
                          "a folder of images with labels.csv)")
+    limit = _class_limit(spec, model)
     if spec.labels is None and (root / "train").is_dir() and (root / "val").is_dir():
         train_s, val_s, classes, source = *_image_folder_samples(root), "imagefolder"
     else:
@@ -166,11 +167,10 @@ def build_datasets(spec: DataSpec, model: torch.nn.Module | None = None) -> tupl
                 raise FileNotFoundError(f"labels: {str(labels)!r} does not exist")
             raise ValueError(f"data: {str(root)!r} has neither train/ and val/ subfolders nor a labels.csv "
                              "(columns filename,synset,class_index)")
-        samples, classes = _labels_file_samples(root, labels, _class_limit(spec, model))
+        samples, classes = _labels_file_samples(root, labels, limit)
         train_s, val_s = _split(samples, spec.val_fraction, spec.seed)
         source = "labels"
     num_classes = len(classes)
-    limit = _class_limit(spec, model)
     if limit is not None and num_classes > limit:
         raise ValueError(f"num_classes: the data has {num_classes} classes but the model head has {limit}")
     train_s = _subset(train_s, spec.train_limit, spec.seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,6 @@ class ProfileConfig:
     cache_dir: str | None = None
     proxy: ProxyConfig | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.finetune_steps < 0:
@@ -101,7 +100,6 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     baseline, train, val, data_info, weights = load_model_and_data(cfg)
     baseline.eval()
     geo = geometry_from_model(baseline)
-    cfg.reduction.validate(geo.depth)
     model = apply(copy.deepcopy(baseline), cfg.reduction).eval()
     base_macs, red_macs = analytic_macs(ReductionConfig(), geo), analytic_macs(cfg.reduction, geo)
     traced = traced_macs(model)

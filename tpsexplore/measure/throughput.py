@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .telemetry import Telemetry, TelemetrySession
+from .telemetry import Telemetry, TelemetrySession, _one_line
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATUSES = ("ok", "oom", "unsupported", "error")
@@ -445,11 +445,6 @@ def _native_support(device: torch.device, dtype: str) -> str | None:
 
 class _Unsupported(RuntimeError):
     """The requested precision cannot run on this device."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -29,11 +29,7 @@ from .data import PROXY_IMG_SIZE, PROXY_NAME, PROXY_PATCH_SIZE, DataSpec, Tensor
     proxy_model_kwargs
 from .throughput import resolve_device
 
-try:  # the reduction core; plain timm models work without it (no ratio loss, token ids = arange)
-    from ..reduce import last_info as _last_info
-    from ..reduce import ratio_loss as _ratio_loss
-except ImportError:  # pragma: no cover - only while the core is missing
-    _last_info = _ratio_loss = None
+from ..reduce import ratio_loss
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 TOKEN_LOSSES = ("kl", "mse")
@@ -227,7 +223,7 @@ def _losses(model: torch.nn.Module, teacher: torch.nn.Module | None, x: torch.Te
     logits = model.forward_head(feats)
     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     zero = ce.new_zeros(())
-    ratio = model_ratio_loss(model).float() if cfg.ratio_weight > 0 else zero
+    ratio = ratio_loss(model).float() if cfg.ratio_weight > 0 else zero  # zero for plain timm models
     kl = tok = zero
     if teacher is not None and (w_kl > 0 or w_tok > 0):
         with torch.no_grad():
@@ -242,22 +238,10 @@ def _losses(model: torch.nn.Module, teacher: torch.nn.Module | None, x: torch.Te
     return [total, ce, ratio, kl, tok]
 
 
-def model_ratio_loss(model: torch.nn.Module) -> torch.Tensor:
-    """DynamicViT's ratio loss of the last forward; zero for plain timm models and predictor-free methods."""
-    if _ratio_loss is None:
-        return next(model.parameters()).new_zeros(())
-    return _ratio_loss(model)
-
-
 def surviving_tokens(model: torch.nn.Module, n: int, batch: int,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(token_ids (B, N), keep_mask (B, N) or None) of the last forward; arange and None for plain models."""
-    info = None
-    if _last_info is not None:
-        try:
-            info = _last_info(model)
-        except ValueError:  # not patched: every token survives in place
-            info = None
+    info = getattr(model, "tps_last_info", None)  # None when not patched: every token survives in place
     ids = getattr(info, "token_ids", None)
     if ids is None:
         ids = torch.arange(n, device=device).expand(batch, n)
