@@ -53,7 +53,7 @@ class BackboneSpec:
 def resolve_name(name: str) -> str:
     """Map a short name (deit_t, deit_s, deit_b, vit_b16) or a timm VisionTransformer name to the timm name."""
     timm_name = SHORT_NAMES.get(name, name)
-    if timm_name not in timm.list_models() and not timm.is_model(timm_name):
+    if not timm.is_model(timm_name):
         raise ValueError(f"backbone: unknown backbone {name!r}; allowed: {', '.join(SHORT_NAMES)} "
                          "or any timm VisionTransformer name (e.g. deit3_small_patch16_224)")
     return timm_name

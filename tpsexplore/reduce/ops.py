@@ -15,11 +15,6 @@ Tensor = torch.Tensor
 
 
 # ----------------------------------------------------------------------------- basics
-def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / (||x||_2 + eps) along the channel axis (the TPS convention: eps added to the norm)."""
-    return x / (x.norm(dim=-1, keepdim=True) + eps)
-
-
 def cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
     """Pairwise cosine similarity (B, Na, C) x (B, Nb, C) -> (B, Na, Nb), eps added to each norm.
 

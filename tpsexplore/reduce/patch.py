@@ -125,14 +125,19 @@ def _run_block(blk: Block, s: TokenState, stage: ReductionStage | None, cfg: Red
     return s
 
 
+def _qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, heads, N, head_dim) as timm's Attention makes them, q/k norms applied."""
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 def _attention(attn: Attention, x: Tensor, bias: Tensor | None, need_cls: bool, need_metric: bool,
                mask: Tensor | None, num_prefix: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """timm Attention's math, also returning class-attention scores or ToMe's key metric when asked."""
     b, n, c = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = _qkv(attn, x)
     if mask is not None:  # DynamicViT training: full attention matrix with the masked softmax
         policy = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
         out = ops.masked_attention(q, k, v, policy, attn.scale)
@@ -251,8 +256,7 @@ def _rollout_scores(model: VisionTransformer, x: Tensor) -> Tensor:
         attn = blk.attn
         h = blk.norm1(x)
         b, n, _ = h.shape
-        q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = _qkv(attn, h)
         a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         attentions.append(a)
         if i == last:  # the scores need only this attention map; the rest of the block feeds nothing
@@ -284,7 +288,9 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
         raise ValueError(f"model: {type(model).__name__} is not a timm VisionTransformer")
     _check_supported(model)
     depth = len(model.blocks)
-    config.validate(depth)
+    p = model.num_prefix_tokens
+    num_patches = model.patch_embed.num_patches
+    sched = token_schedule(config, num_patches=num_patches, num_prefix=p, depth=depth)  # validates the config
     if expected_backbone:
         actual = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
             getattr(model, "default_cfg", {}).get("architecture")
@@ -293,9 +299,6 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
                           stacklevel=2)
     if isinstance(model, TokenReductionMixin):
         remove(model)
-    p = model.num_prefix_tokens
-    num_patches = model.patch_embed.num_patches
-    sched = token_schedule(config, num_patches=num_patches, num_prefix=p, depth=depth)
     spec = config.spec
     if spec is not None:
         if spec.policy == "merge":
