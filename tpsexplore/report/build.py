@@ -23,7 +23,6 @@ from typing import Any, Callable
 import pandas as pd
 from tqdm import tqdm
 
-from ..storage import ResultsStore
 from .frame import StudyData, data_kind, measurement_columns, open_study, runtime_columns
 from .pareto import pareto_front, parse_objectives
 from .published import published_backbone, published_points
@@ -71,14 +70,6 @@ def _slug(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- provenance
-def _environments(data: StudyData) -> tuple[dict[int, dict[str, Any]], pd.DataFrame]:
-    with ResultsStore(data.db) as store:
-        meas = store.measurements_frame(data.study)
-        ids = [int(e) for e in meas["environment_id"].dropna().unique()]
-        envs = {e: store.environment(e) for e in ids}
-    return envs, meas
-
-
 def _env_summary(env: dict[str, Any]) -> str:
     dev = env.get("device") or "?"
     hw = env.get("gpu_name") if str(dev).startswith("cuda") and env.get("gpu_name") else env.get("cpu_model")
@@ -230,7 +221,7 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
         raise ValueError(f"out: {str(out)!r} is a file; give a directory")
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    envs, meas = _environments(data)
+    envs, meas = data.measurements()
     rep = Report(out=out, study=data)
     rep.provenance = provenance(data, envs)
     objectives = study_objectives(data)

@@ -26,9 +26,8 @@ from typing import Any
 import pandas as pd
 
 from ..reduce import ReductionConfig, token_schedule
-from ..storage import ResultsStore
 from .frame import StudyData, open_study, runtime_columns
-from .model import backbone_description, backbone_geometry, build_model, with_weight_geometry
+from .model import backbone_geometry, build_model, with_weight_geometry
 
 FORMAT = "tpsexplore-deployment/1"
 PICK_RULES = ("max-accuracy",)
@@ -178,9 +177,7 @@ def trial_config(row: pd.Series) -> ReductionConfig:
 
 def trial_measurements(data: StudyData, trial_id: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(measurements by column, hardware, versions) of one trial, from the results store."""
-    with ResultsStore(data.db) as store:
-        meas = store.measurements_frame(data.study, trial_id=int(trial_id))
-        envs = {int(e): store.environment(int(e)) for e in meas["environment_id"].dropna().unique()}
+    envs, meas = data.measurements(int(trial_id))
     out: dict[str, Any] = {}
     for _, m in meas.iterrows():
         item = {k: _json_value(m[k]) for k in ("value", "unit", "kind", "fidelity", "provenance", "batch_size",
@@ -202,7 +199,7 @@ def trial_measurements(data: StudyData, trial_id: int) -> tuple[dict[str, Any], 
 def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
     """The deployment config (module docstring) of one trial row of ``data.trials``."""
     config = trial_config(row)
-    backbone = backbone_description(data.settings, data.study.backbone)
+    backbone = data.backbone_description()
     measurements, hardware, versions = trial_measurements(data, int(row["trial_id"]))
     weights = data.weights_path(int(row["number"]))
     if weights is not None and not all(backbone.get(k) for k in ("img_size", "patch_size", "num_classes")):

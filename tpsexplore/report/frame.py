@@ -57,6 +57,13 @@ class StudyData:
     trials: pd.DataFrame
 
     # ------------------------------------------------------------------ provenance
+    def measurements(self, trial_id: int | None = None) -> tuple[dict[int, dict[str, Any]], pd.DataFrame]:
+        """(environments by id, measurements frame) of the study, or of one trial, from the results store."""
+        with ResultsStore(self.db) as store:
+            meas = store.measurements_frame(self.study, trial_id=trial_id)
+            envs = {int(e): store.environment(int(e)) for e in meas["environment_id"].dropna().unique()}
+        return envs, meas
+
     def backbone_description(self) -> dict[str, Any]:
         """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ...}`` as far as the study says."""
         from .model import backbone_description

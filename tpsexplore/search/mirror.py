@@ -44,7 +44,6 @@ class Mirror:
         frame = store.trials_frame(study)
         self.known: dict[int, tuple[int, str]] = {
             int(r.number): (int(r.trial_id), str(r.state)) for r in frame.itertuples()}
-        self.finished_now: list[int] = []
 
     def sync(self, trials: list[FrozenTrial]) -> list[int]:
         """Mirror ``trials``; returns the numbers that became final in the store during this call."""
@@ -77,7 +76,6 @@ class Mirror:
                                     finished=_aware(t.datetime_complete))
             self.known[t.number] = (trial_id, final)
             done.append(t.number)
-        self.finished_now.extend(done)
         return done
 
     def _start(self, t: FrozenTrial) -> int:

@@ -19,7 +19,7 @@ import math
 import time
 import traceback
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,7 +93,6 @@ class TrialContext:
     device: torch.device
     stop: Callable[[], bool] = lambda: False
     baseline_model: torch.nn.Module | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Recorder:
@@ -167,7 +166,6 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> tuple[str, list[float] 
     after recording when the search is being stopped.
     """
     rec = _Recorder(trial)
-    t0 = time.perf_counter()
     rec.phase("sampling", write=False)
     cand = check_candidate(trial, ctx.space)
     rec.add(analytic_measurements(cand), flush=False)
@@ -175,7 +173,6 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> tuple[str, list[float] 
         reason = (f"infeasible: {cand.fraction:.3f} x baseline GFLOPs (analytic {cand.gmacs:.4f} GMACs) > budget "
                   f"{cand.budget:g}")
         rec.finish("infeasible", reason)
-        ctx.timings["infeasible_s"] = time.perf_counter() - t0
         return "infeasible", None
     s = ctx.settings
     trial.set_user_attr(A_ENVIRONMENT, ctx.environment)
@@ -204,7 +201,7 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> tuple[str, list[float] 
                 return "complete", [zs["top1"], cost]
             if role(trial) == "sampled" and cand.feasible:
                 decision = gate_decision(ctx.study.get_trials(deepcopy=False), cand.variant, zs["top1"], cost,
-                                         s.cost_objective == "throughput", s.gate, trial.number)
+                                         s.maximize_cost, s.gate, trial.number)
                 if not decision.go:
                     rec.finish("pruned", decision.reason)
                     return "pruned", None

@@ -450,7 +450,7 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
             mirror.sync(study.get_trials(deepcopy=False))
             progress = Progress(settings.trials, enabled=settings.progress,
                                 cost_name=settings.cost_objective,
-                                maximize_cost=settings.cost_objective == "throughput",
+                                maximize_cost=settings.maximize_cost,
                                 baseline_gmacs=space.baseline_gmacs)
             interrupted = False
             try:
@@ -537,8 +537,7 @@ def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: 
             continue
         key = end(t, "outcome") or t.state.name.lower()
         counts[key] = counts.get(key, 0) + 1
-    maximize = settings.cost_objective == "throughput"
-    front = pareto_front(trials, maximize)
+    front = pareto_front(trials, settings.maximize_cost)
     extra: dict[int, dict[str, Any]] = {}
     for t in trials:
         for m in record(t, "measurements") or []:
@@ -561,8 +560,7 @@ def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: 
            if settings.timeout and not interrupted and counted(trials) < settings.trials else ""),
         f"study directory: {d}",
         f"  results store : {d / 'results.db'} (SQLite; tpsexplore.storage.ResultsStore)",
-        f"  optuna storage: {storage_display(settings)} (optuna-dashboard "
-        f"{storage_display(settings) if storage_kind(settings.storage) != 'journal' else d / 'optuna.journal'})",
+        f"  optuna storage: {storage_display(settings)} (optuna-dashboard {storage_display(settings)})",
         f"  settings      : {d / 'study.json'}",
         f"  weights       : {d / 'weights'}/trial_<n>.safetensors (fine-tuned trials)",
         f"  report        : tpsexplore report {d}  (writes {d / 'report'}/)",

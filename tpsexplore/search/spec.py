@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,11 @@ class SearchSettings:
     @property
     def cost_objective(self) -> str:
         return self.objective_pairs[1][0]
+
+    @property
+    def maximize_cost(self) -> bool:
+        """The second objective is maximized (throughput) rather than minimized (GFLOPs, latency)."""
+        return self.objective_pairs[1][1] == "maximize"
 
     @property
     def accuracy_fidelity(self) -> str:
@@ -398,7 +403,3 @@ def parse_duration(value: Any) -> float | None:
     if not seconds > 0 or not math.isfinite(seconds):
         raise ValueError(f"timeout: {value!r} must be a positive duration")
     return seconds
-
-
-def with_overrides(settings: SearchSettings, **changes: Any) -> SearchSettings:
-    return replace(settings, **changes).validate()
