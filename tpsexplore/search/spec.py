@@ -359,22 +359,15 @@ def build_settings(file_values: dict[str, Any] | None = None, flags: dict[str, A
 
 
 def _methods(value: Any) -> tuple[str, ...] | None:
+    """Variant keys, or None for every method; names are parsed (and empties refused) by `resolve_variants`."""
     if value is None:
         return None
-    if isinstance(value, str):
-        if value.strip().lower() == "all":
-            return None
-        items = [m.strip() for m in value.split(",")]
-    elif isinstance(value, (list, tuple)):
-        items = [str(m).strip() for m in value]
-    else:
+    if not isinstance(value, (str, list, tuple)):
         raise ValueError(f"methods: {value!r} is not a list of method names")
-    items = [m for m in items if m]
-    if any(m.lower() == "all" for m in items):
+    names = value.split(",") if isinstance(value, str) else [str(m) for m in value]
+    if any(m.strip().lower() == "all" for m in names):
         return None
-    if not items:
-        raise ValueError("methods: empty; give 'all' or names such as etps,tome,similarity+squeeze")
-    return tuple(v.key for v in resolve_variants(items))
+    return tuple(v.key for v in resolve_variants(names))
 
 
 def _objectives(value: Any) -> str:
