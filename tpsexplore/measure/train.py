@@ -285,14 +285,20 @@ def token_distill_loss(model: torch.nn.Module, s_feats: torch.Tensor, t_feats: t
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(model: torch.nn.Module, val: Dataset, batch_size: int = 256, *, progress: bool = True,
              device: str | torch.device | None = None, amp: str = "auto", num_workers: int = 0) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy (fractions in [0, 1]) over ``val`` in eval mode under inference_mode."""
+    """Top-1 / top-5 accuracy (fractions in [0, 1]) over ``val`` in eval mode under inference_mode.
+
+    Also returns the counts (``n``, ``correct1``, ``correct5``) and ``top1_bits``: the per-image top-1
+    correctness in the set's fixed order (a (n,) bool numpy array), so that two configs evaluated on the
+    same set can be compared image by image (`tpsexplore.stats.mcnemar`).
+    """
     if len(val) == 0:
         raise ValueError("val: the validation set is empty")
     device = resolve_device(device if device is not None else "auto")
     amp_dtype = amp_dtype_for(amp, device)
     was_training = model.training
     model.to(device).eval()
-    correct1 = correct5 = n = 0
+    hits1: list[torch.Tensor] = []
+    correct5 = n = 0
     batches = _eval_batches(val, batch_size, num_workers, device)
     total = math.ceil(len(val) / batch_size)
     try:
@@ -304,12 +310,15 @@ def evaluate(model: torch.nn.Module, val: Dataset, batch_size: int = 256, *, pro
                 k = min(5, logits.shape[-1])
                 top = logits.topk(k, dim=-1).indices
                 hit = top == y[:, None]
-                correct1 += int(hit[:, 0].sum())
+                hits1.append(hit[:, 0].cpu())
                 correct5 += int(hit.any(dim=-1).sum())
                 n += y.shape[0]
     finally:
         model.train(was_training)
-    return {"top1": correct1 / n, "top5": correct5 / n, "n": n}
+    bits = torch.cat(hits1).numpy().astype(bool)
+    correct1 = int(bits.sum())
+    return {"top1": correct1 / n, "top5": correct5 / n, "n": n, "correct1": correct1, "correct5": correct5,
+            "top1_bits": bits}
 
 
 # ----------------------------------------------------------------------------- proxy pre-training

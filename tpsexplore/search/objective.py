@@ -28,6 +28,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..reduce import apply
+from ..stats import Accuracy
 from .backend import (A_COST, A_END, A_ENVIRONMENT, A_FINETUNED, A_INFO, A_INTERRUPTED, A_PHASE, A_RECORD,
                       A_WEIGHTS, A_ZERO_SHOT, Heartbeat, info, role)
 from .space import Candidate, SearchSpace
@@ -268,13 +269,18 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _accuracy(result: dict[str, Any], fidelity: str, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    info = {k: v for k, v in result.items() if k not in ("top1", "top5") and isinstance(v, (int, float, str))}
+    """Top-1 with n, correct, its 95% interval and per-image bits; top-5 with n, correct and interval."""
+    acc: Accuracy = result["accuracy"]
+    info = {k: v for k, v in result.items()
+            if k not in ("top1", "top5", "n", "correct1", "correct5", "accuracy") and isinstance(v, (int, float, str))}
     info.update(extra or {})
     info = {k: v for k, v in info.items() if not (isinstance(v, float) and not math.isfinite(v))}
-    return [{"kind": "accuracy_top1", "value": float(result["top1"]), "unit": "fraction", "fidelity": fidelity,
-             "provenance": result.get("provenance", "proxy"), "extra": info},
-            {"kind": "accuracy_top5", "value": float(result["top5"]), "unit": "fraction", "fidelity": fidelity,
-             "provenance": result.get("provenance", "proxy"), "extra": info}]
+    top5 = Accuracy(int(result["correct5"]), acc.n, None, acc.eval_set)
+    provenance = result.get("provenance", "proxy")
+    return [{"kind": "accuracy_top1", "value": acc.value, "unit": "fraction", "fidelity": fidelity,
+             "provenance": provenance, "extra": {**info, **acc.extra()}},
+            {"kind": "accuracy_top5", "value": top5.value, "unit": "fraction", "fidelity": fidelity,
+             "provenance": provenance, "extra": {**info, **top5.extra()}}]
 
 
 def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any]]:

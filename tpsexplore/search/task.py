@@ -12,6 +12,7 @@ limits, split; the proxy's limits are ``[proxy]`` fields).
 from __future__ import annotations
 
 import copy
+import zlib
 from dataclasses import asdict, fields
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import torch
 from ..measure.data import DataSpec, TensorData, build_datasets
 from ..measure.flops import ViTGeometry, geometry_from_model
 from ..measure.train import FinetuneConfig, ProxyConfig, evaluate, finetune, proxy_backbone
+from ..stats import Accuracy, eval_set_fingerprint
 from .spec import SearchSettings
 
 # lr 1e-4: measured on the proxy (40 steps, batch 64) it lifts reduced models (eTPS 0.93 -> 0.95, random pruning
@@ -117,6 +119,7 @@ class Task:
         self.geometry: ViTGeometry = self._meta_geometry()
         self._state: dict[str, torch.Tensor] | None = None
         self.train_set = self.val_set = None
+        self._eval_set: str | None = None
         self.data_info: dict[str, Any] = {}
         self.weights_info: dict[str, Any] = {}
         if self.proxy:
@@ -178,7 +181,20 @@ class Task:
         out = evaluate(model, self.val_set, self.finetune_kwargs.get("eval_batch_size", 256), progress=False,
                        device=self.device, num_workers=self.finetune_kwargs.get("num_workers", 0))
         out["provenance"] = "proxy-digits" if self.proxy else "real-data"
+        out["accuracy"] = Accuracy.from_bits(out.pop("top1_bits"), self.eval_set)
         return out
+
+    @property
+    def eval_set(self) -> str:
+        """Fingerprint of the fixed evaluation set: every trial of a study is scored on these images."""
+        if self._eval_set is None:
+            val = self.val_set
+            if isinstance(val, TensorData):
+                self._eval_set = eval_set_fingerprint(val.labels.numpy(), val.indices.numpy())
+            else:
+                ids = [zlib.crc32(path.encode()) for path, _ in val.samples]
+                self._eval_set = eval_set_fingerprint([t for _, t in val.samples], ids)
+        return self._eval_set
 
     def finetune(self, model: torch.nn.Module, steps: int, seed: int,
                  on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
