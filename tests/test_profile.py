@@ -45,6 +45,12 @@ def test_profile_measures_every_field(profiled):
     acc = r["accuracy"]
     assert set(acc) == {"baseline", "zero_shot", "finetuned"}
     assert all(0 <= acc[k]["top1"] <= acc[k]["top5"] <= 1 and acc[k]["n"] == 32 for k in acc)
+    for k in acc:  # every accuracy carries its count and 95% interval; reduced ones the paired test
+        lo, hi = acc[k]["top1_ci95"]
+        assert lo <= acc[k]["top1"] <= hi and acc[k]["correct1"] == round(acc[k]["top1"] * 32)
+        assert (k == "baseline") == ("vs_baseline" not in acc[k])
+        if k != "baseline":
+            assert 0 <= acc[k]["vs_baseline"]["mcnemar_p"] <= 1
     assert r["finetune"]["steps"] == 3 and r["weights"]["source"] == "proxy"
     assert r["environment"]["device"] == "cpu" and r["environment"]["torch_threads"] == 1
     json.loads(json.dumps(r, default=str))  # the --json output holds the same
@@ -54,6 +60,6 @@ def test_profile_table_prints_every_field(profiled):
     text = format_profile(profiled)
     for needle in ("GMACs", "analytic", "traced", "ratio", "parameters", "img/s", "speed-up", "latency ms", "J/img",
                    "n/a (CPU)", "baseline", "zero-shot", "finetuned", "fine-tune", "3 steps", "measured on:",
-                   "proxy-pretrained on digits, not ImageNet", "torch"):
+                   "proxy-pretrained on digits, not ImageNet", "torch", "(n=32)", "McNemar p=", "95% CI"):
         assert needle in text, needle
     assert "17 -> 13 -> 10" in text

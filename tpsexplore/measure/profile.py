@@ -16,6 +16,7 @@ import torch
 from ..backbones import create_backbone
 from ..reduce import ReductionConfig, apply
 from ..reduce.schedule import distinct_counts
+from ..stats import Accuracy, PairedDifference, PairedTest, format_accuracy, format_difference, paired_difference
 from .data import DataSpec, build_datasets
 from .environment import environment_info
 from .flops import analytic_macs, analytic_params, geometry, geometry_from_model, traced_macs
@@ -126,18 +127,31 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     result["throughput"] = [_throughput_row(s, b, m) for s, b, m in pair.cells()]
     result["speedups"] = [asdict(s) for s in pair.speedups]
     _say(cfg, "evaluating zero-shot accuracy (no fine-tune)")
-    zero = evaluate(model, val, progress=cfg.progress, device=device)
-    result["accuracy"] = {"baseline": evaluate(baseline, val, progress=cfg.progress, device=device),
-                          "zero_shot": zero}
+    base = evaluate(baseline, val, progress=cfg.progress, device=device)
+    result["accuracy"] = {"baseline": _accuracy_entry(base),
+                          "zero_shot": _accuracy_entry(evaluate(model, val, progress=cfg.progress, device=device), base)}
     if cfg.finetune_steps:
         ft_cfg = FinetuneConfig(steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, seed=cfg.seed,
                                 device=str(device), progress=cfg.progress)
         record = finetune(model, train, val, ft_cfg, teacher=baseline if cfg.distill else None)
-        result["accuracy"]["finetuned"] = {k: record[k] for k in ("top1", "top5", "n")}
-        result["finetune"] = {k: v for k, v in record.items() if k not in ("losses",)}
+        result["accuracy"]["finetuned"] = _accuracy_entry(record, base)
+        result["finetune"] = {k: v for k, v in record.items() if k not in ("losses", "top1_bits")}
     result["environment"] = environment_info(device)
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _accuracy_entry(res: dict[str, Any], baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """top-1/top-5 with n, correct and Wilson intervals; against the baseline, the paired difference."""
+    top1 = Accuracy.from_bits(res["top1_bits"])
+    top5 = Accuracy(int(res["correct5"]), top1.n)
+    out = {"top1": top1.value, "top5": top5.value, "n": top1.n, "correct1": top1.correct,
+           "correct5": top5.correct, "top1_ci95": list(top1.interval), "top5_ci95": list(top5.interval)}
+    if baseline is not None:
+        d = paired_difference(top1, baseline["top1_bits"])
+        out["vs_baseline"] = {"difference": d.difference, "ci95": [d.low, d.high], "mcnemar_p": d.test.p_value,
+                              "only_this": d.test.only_a, "only_baseline": d.test.only_b}
+    return out
 
 
 def _throughput_row(s: Speedup, base: ThroughputResult, red: ThroughputResult) -> dict[str, Any]:
@@ -190,11 +204,15 @@ def format_profile(r: dict[str, Any]) -> str:
         lines.append(f"  {t['batch_size']:>6} {t['dtype']:>6} {t['device']:>8} {t['images_per_s']:>10.1f} "
                      f"{base:>10} {speedup:>9} {t['latency_ms']:>11.2f} {jpi:>8}"
                      + (f"  ({t['note']})" if t.get("note") else ""))
-    lines += ["", f"  {'accuracy':<22}{'top-1':>8} {'top-5':>8}"]
+    lines += ["", f"  {'accuracy (95% CI)':<22}{'top-1':<28}{'top-5':<28}vs baseline (paired)"]
     for name in ("baseline", "zero_shot", "finetuned"):
         if name in acc:
-            lines.append(f"  {name.replace('_', '-'):<22}{100 * acc[name]['top1']:>7.2f}% {100 * acc[name]['top5']:>7.2f}%"
-                         f"  (n={acc[name]['n']})")
+            a = acc[name]
+            t1, t5 = Accuracy(a["correct1"], a["n"]), Accuracy(a["correct5"], a["n"])
+            vs = a.get("vs_baseline")
+            paired = "" if vs is None else format_difference(PairedDifference(
+                vs["difference"], *vs["ci95"], PairedTest(a["n"], vs["only_this"], vs["only_baseline"], vs["mcnemar_p"])))
+            lines.append(f"  {name.replace('_', '-'):<22}{format_accuracy(t1):<28}{format_accuracy(t5):<28}{paired}")
     if "finetune" in r:
         f = r["finetune"]
         lines.append(f"  {'fine-tune':<22}{f['steps']} steps, batch {f['batch_size']}, lr {f['lr']:.3g}, "
