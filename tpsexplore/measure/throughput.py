@@ -13,7 +13,11 @@ Protocol (methods-spec section 6 and pitfall 17; the repos disagree, so it is fi
   Should it come out short, more iterations are appended before it ends. No other host syncs happen;
 * reported: median img/s over windows with min/max and quartiles, median time per batch (pipelined, i.e.
   window time / iterations), peak memory, NVML telemetry read while the last window is still running on the
-  GPU, and energy over all windows (joules per image).
+  GPU, energy over all windows (joules per image), and the machine's contention (`Contention`: other
+  runnable processes, CPU steal, torch threads; on GPU other processes, SM clock, throttle reasons), sampled
+  between windows, never inside one, with a ``loaded`` verdict;
+* pairs (`measure_pair`): both models are warmed up, then their windows alternate (baseline, model,
+  baseline, ...), so a load change during the measurement slows both sides alike and the speed-up holds.
 
 Peak memory: on GPU ``torch.cuda.max_memory_allocated`` after resetting the peak before the run (weights,
 input and activations; allocator caching excluded). On CPU (Linux) the process's peak resident set size
@@ -40,7 +44,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .telemetry import Telemetry, TelemetrySession, _one_line
+from .telemetry import Contention, ContentionMonitor, Telemetry, TelemetrySession, _one_line
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATUSES = ("ok", "oom", "unsupported", "error")
@@ -187,6 +191,7 @@ class ThroughputResult:
     latency_ms is the median over windows of window time / iterations (time per batch while pipelined).
     batch_size is the batch actually run; requested_batch_size the one asked for (they differ after an OOM
     fallback). energy_j covers all timed windows; joules_per_image divides it by the images they processed.
+    contention: how busy the machine was during the windows, with the ``loaded`` verdict (measured results).
     """
 
     label: str
@@ -218,6 +223,7 @@ class ThroughputResult:
     input_shape: list[int] = field(default_factory=list)
     error: str | None = None
     telemetry: Telemetry | None = None
+    contention: Contention | None = None
 
     @property
     def ok(self) -> bool:
@@ -240,6 +246,8 @@ class ThroughputResult:
         kwargs = {k: v for k, v in data.items() if k in known}
         if kwargs.get("telemetry") is not None:
             kwargs["telemetry"] = Telemetry.from_dict(kwargs["telemetry"])
+        if kwargs.get("contention") is not None:
+            kwargs["contention"] = Contention.from_dict(kwargs["contention"])
         return cls(**kwargs)
 
 
@@ -392,30 +400,6 @@ def _warm_up(run: Callable[[int], None], clock: _Clock, min_iters: int, min_s: f
         chunk = max(1, min_iters - done, math.ceil((min_s - wall) / per_iter))
 
 
-def _timed_windows(run: Callable[[int], None], clock: _Clock, windows: int, window_s: float, per_iter: float,
-                   on_last_queued: Callable[[], None]) -> tuple[list[int], list[float]]:
-    """Time ``windows`` windows of >= window_s seconds; (iterations, seconds) per window."""
-    iters, secs = [], []
-    for w in range(windows):
-        n = max(1, math.ceil(window_s / per_iter * _OVERSHOOT))
-        clock.start()
-        run(n)
-        clock.mark()
-        if w == windows - 1:
-            on_last_queued()  # GPU still busy with the window: telemetry sees the device under load
-        dt = clock.elapsed_s()
-        while dt < window_s:  # estimate was off: append iterations to the same window
-            extra = max(1, math.ceil((window_s - dt) / (dt / n) * _OVERSHOOT)) if dt > 0 else n
-            run(extra)
-            n += extra
-            clock.mark()
-            dt = clock.elapsed_s()
-        per_iter = max(dt / n, 1e-9)
-        iters.append(n)
-        secs.append(dt)
-    return iters, secs
-
-
 def _autocast_check(device: torch.device, dtype: str) -> str | None:
     """Why autocast to ``dtype`` is not actually active here, else None (older torch builds silently disable it on CPU)."""
     if dtype == "fp32":
@@ -477,99 +461,221 @@ class _Run:
     config: ThroughputConfig
     device: torch.device
     session: TelemetrySession
+    monitor: ContentionMonitor
 
 
-def _measure_one(model: nn.Module, batch: int, requested: int, dtype: str, shape: tuple[int, int, int],
-                 label: str, ctx: _Run) -> ThroughputResult:
-    cfg, device = ctx.config, ctx.device
-    result = ThroughputResult(label=label, batch_size=batch, requested_batch_size=requested, dtype=dtype,
-                              device=str(device), status="ok", target_window_s=float(cfg.window_s),
-                              threads=torch.get_num_threads(), timer=_Clock(device).name,
-                              autocast=dtype != "fp32", input_shape=[batch, *shape])
-    reason = _native_support(device, dtype)
-    if reason is not None:
-        result.status, result.error, result.telemetry = "unsupported", reason, ctx.session.snapshot()
-        return result
-    try:
-        _run_protocol(model, result, shape, ctx)
-    except _Unsupported as exc:
-        result.status, result.error = "unsupported", str(exc)
-    except Exception as exc:  # noqa: BLE001 - a failing configuration is recorded, the run goes on
-        msg = _one_line(exc)
-        if _is_oom(exc):
-            result.status = "oom"
-        elif dtype != "fp32" and any(h in msg.lower() for h in _DTYPE_HINTS):
-            result.status = "unsupported"
-        else:
-            result.status = "error"
-        result.error = msg
-    if result.status != "ok":
-        _clear_stats(result)
-        if device.type == "cuda":
-            gc.collect()  # the exception and its frames are gone here, so their tensors can be released
-            torch.cuda.empty_cache()
-        if result.telemetry is None:
-            result.telemetry = ctx.session.snapshot()
-    return result
+class _Side:
+    """One model at one (batch, dtype): its input, the warm-up, then timed windows one at a time.
+
+    `measure_throughput` times one side's windows back to back; `measure_pair` alternates the windows of
+    the baseline and the model (ABAB...), so that a change of machine load hits both sides alike. Between
+    windows (never inside one) the contention monitor takes a sample; ``spans`` keeps each window's
+    (before, after) sample indices.
+    """
+
+    def __init__(self, model: nn.Module, result: ThroughputResult, ctx: _Run) -> None:
+        self.model, self.result, self.ctx = model, result, ctx
+        self.clock, self.peak = _Clock(ctx.device), _PeakMemory(ctx.device)
+        self.meter = ctx.session.energy_meter()
+        self.x: torch.Tensor | None = None
+        self.per_iter = 0.0
+        self.iters: list[int] = []
+        self.secs: list[float] = []
+        self.spans: list[tuple[int, int]] = []
+        self.energy: float | None = 0.0
+        self.peaks: list[int] = []
+        self.snap: Telemetry | None = None
+        self.failed = False
+
+    def run(self, n: int) -> None:
+        model, x = self.model, self.x
+        for _ in range(n):
+            model(x)
+
+    def _read_peak(self) -> None:
+        value = self.peak.read()
+        if value is not None:
+            self.peaks.append(value)
+
+    def start(self) -> None:
+        """Input on the device and the warm-up (raises on OOM or model errors)."""
+        cfg, r = self.ctx.config, self.result
+        self.peak.reset()
+        gen = torch.Generator(device=self.ctx.device).manual_seed(cfg.seed)
+        self.x = torch.randn(r.input_shape, generator=gen, device=self.ctx.device)
+        r.warmup_iters, r.warmup_s, self.per_iter = _warm_up(self.run, self.clock, cfg.warmup_iters, cfg.warmup_s)
+        self._read_peak()
+
+    def window(self, last: bool) -> None:
+        """Time one window of >= window_s seconds (telemetry is read while the last one runs on the GPU)."""
+        window_s = self.ctx.config.window_s
+        self.peak.reset()
+        self.clock.sync()
+        self.meter.start()
+        n = max(1, math.ceil(window_s / self.per_iter * _OVERSHOOT))
+        self.clock.start()
+        self.run(n)
+        self.clock.mark()
+        if last:
+            self.snap = self.ctx.session.snapshot()  # GPU still busy with the window: the device under load
+        dt = self.clock.elapsed_s()
+        while dt < window_s:  # estimate was off: append iterations to the same window
+            extra = max(1, math.ceil((window_s - dt) / (dt / n) * _OVERSHOOT)) if dt > 0 else n
+            self.run(extra)
+            n += extra
+            self.clock.mark()
+            dt = self.clock.elapsed_s()
+        energy = self.meter.stop()
+        self.energy = self.energy + energy if self.energy is not None and energy is not None else None
+        self._read_peak()
+        self.per_iter = max(dt / n, 1e-9)
+        self.iters.append(n)
+        self.secs.append(dt)
+
+    def fail(self, exc: BaseException) -> None:
+        _record_failure(self.result, exc, self.ctx)
+        self.failed, self.x = True, None
+
+    def finish(self) -> None:
+        """Fill the result from the windows (median img/s, spread, latency, memory, energy, contention)."""
+        r, iters, secs, batch = self.result, self.iters, self.secs, self.result.batch_size
+        self.x = None
+        if self.failed:
+            return
+        ips = [n * batch / dt for n, dt in zip(iters, secs)]
+        q1, _, q3 = statistics.quantiles(ips, n=4, method="inclusive") if len(ips) > 1 else (ips[0],) * 3
+        r.windows, r.window_iters, r.window_seconds, r.window_images_per_s = len(ips), iters, secs, ips
+        r.images_per_s = statistics.median(ips)
+        r.images_per_s_min, r.images_per_s_max = min(ips), max(ips)
+        r.images_per_s_q1, r.images_per_s_q3 = q1, q3
+        r.latency_ms = statistics.median(dt / n * 1000.0 for n, dt in zip(iters, secs))
+        r.peak_mem_bytes, r.peak_mem_source = (max(self.peaks) if self.peaks else None), self.peak.source
+        telemetry = self.snap or self.ctx.session.snapshot()
+        energy = self.energy if self.meter.method is not None else None
+        telemetry.energy_j, telemetry.energy_method = energy, self.meter.method
+        if self.meter.error and self.meter.method is None and telemetry.nvml_error is None:
+            telemetry.nvml_error = f"energy: {self.meter.error}"
+        r.telemetry = telemetry
+        r.energy_j = energy
+        r.joules_per_image = energy / (sum(iters) * batch) if energy is not None else None
+        r.contention = self.ctx.monitor.summary(self.spans, threads=r.threads, telemetry=telemetry)
+
+
+def _new_result(label: str, batch: int, requested: int, dtype: str, shape: tuple[int, int, int],
+                ctx: _Run) -> ThroughputResult:
+    return ThroughputResult(label=label, batch_size=batch, requested_batch_size=requested, dtype=dtype,
+                            device=str(ctx.device), status="ok", target_window_s=float(ctx.config.window_s),
+                            threads=torch.get_num_threads(), timer=_Clock(ctx.device).name,
+                            autocast=dtype != "fp32", input_shape=[batch, *shape])
+
+
+def _record_failure(result: ThroughputResult, exc: BaseException, ctx: _Run) -> None:
+    """Status and one-line error of a failed measurement; its figures cleared, CUDA memory released."""
+    msg = _one_line(exc)
+    if isinstance(exc, _Unsupported):
+        result.status = "unsupported"
+    elif _is_oom(exc):
+        result.status = "oom"
+    elif result.dtype != "fp32" and any(h in msg.lower() for h in _DTYPE_HINTS):
+        result.status = "unsupported"
+    else:
+        result.status = "error"
+    result.error = str(exc) if isinstance(exc, _Unsupported) else msg
+    _clear_stats(result)
+    if result.telemetry is None:
+        result.telemetry = ctx.session.snapshot()
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        gc.collect()  # the exception and its frames are gone here, so their tensors can be released
+        torch.cuda.empty_cache()
 
 
 def _clear_stats(result: ThroughputResult) -> None:
     for name in ("images_per_s", "images_per_s_min", "images_per_s_max", "images_per_s_q1", "images_per_s_q3",
-                 "latency_ms", "energy_j", "joules_per_image", "peak_mem_bytes", "peak_mem_source"):
+                 "latency_ms", "energy_j", "joules_per_image", "peak_mem_bytes", "peak_mem_source", "contention"):
         setattr(result, name, None)
     result.windows, result.window_iters, result.window_seconds, result.window_images_per_s = 0, [], [], []
 
 
-def _run_protocol(model: nn.Module, result: ThroughputResult, shape: tuple[int, int, int], ctx: _Run) -> None:
-    """Warm up and time one configuration, filling ``result`` in place."""
-    cfg, device, batch = ctx.config, ctx.device, result.batch_size
-    clock, peak = _Clock(device), _PeakMemory(device)
-    peak.reset()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    x = torch.randn((batch, *shape), generator=gen, device=device)
-    snaps: list[Telemetry] = []
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            model(x)
-
-    with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPES[result.dtype], enabled=result.autocast):
-        reason = _autocast_check(device, result.dtype)
+@contextlib.contextmanager
+def _precision(device: torch.device, dtype: str) -> Iterator[None]:
+    """inference_mode and autocast to ``dtype`` (entered once per cell, so weight casts are cached)."""
+    reason = _native_support(device, dtype)
+    if reason is not None:
+        raise _Unsupported(reason)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        reason = _autocast_check(device, dtype)
         if reason is not None:
             raise _Unsupported(reason)
-        result.warmup_iters, result.warmup_s, per_iter = _warm_up(run, clock, cfg.warmup_iters, cfg.warmup_s)
-        meter = ctx.session.energy_meter()
-        clock.sync()
-        meter.start()
-        iters, secs = _timed_windows(run, clock, cfg.windows, cfg.window_s, per_iter,
-                                     lambda: snaps.append(ctx.session.snapshot()))
-        energy = meter.stop()
-    ips = [n * batch / dt for n, dt in zip(iters, secs)]
-    q1, _, q3 = statistics.quantiles(ips, n=4, method="inclusive") if len(ips) > 1 else (ips[0],) * 3
-    result.windows, result.window_iters, result.window_seconds, result.window_images_per_s = len(ips), iters, secs, ips
-    result.images_per_s = statistics.median(ips)
-    result.images_per_s_min, result.images_per_s_max = min(ips), max(ips)
-    result.images_per_s_q1, result.images_per_s_q3 = q1, q3
-    result.latency_ms = statistics.median(dt / n * 1000.0 for n, dt in zip(iters, secs))
-    result.peak_mem_bytes, result.peak_mem_source = peak.read(), peak.source
-    telemetry = snaps[-1] if snaps else ctx.session.snapshot()
-    telemetry.energy_j, telemetry.energy_method = energy, meter.method
-    if meter.error and meter.method is None and telemetry.nvml_error is None:
-        telemetry.nvml_error = f"energy: {meter.error}"
-    result.telemetry = telemetry
-    result.energy_j = energy
-    result.joules_per_image = energy / (sum(iters) * batch) if energy is not None else None
+        yield
 
 
-def _with_fallback(model: nn.Module, start: int, requested: int, dtype: str, shape: tuple[int, int, int],
-                   label: str, ctx: _Run) -> list[ThroughputResult]:
-    """Measure at ``start``; after an OOM halve the batch (when allowed) until it runs or reaches 1."""
-    out, batch = [], start
+def _start(model: nn.Module, start: int, requested: int, dtype: str, shape: tuple[int, int, int], label: str,
+           ctx: _Run) -> tuple[list[ThroughputResult], _Side | None]:
+    """Warm ``model`` up at ``start``; after an OOM halve the batch (when allowed) until it runs or reaches 1.
+
+    Returns the failed attempts' records and the started side (None when every attempt failed).
+    """
+    failed, batch = [], start
     while True:
-        out.append(_measure_one(model, batch, requested, dtype, shape, label, ctx))
-        if out[-1].status != "oom" or not ctx.config.oom_fallback or batch == 1:
-            return out
+        side = _Side(model, _new_result(label, batch, requested, dtype, shape, ctx), ctx)
+        try:
+            side.start()
+            return failed, side
+        except Exception as exc:  # noqa: BLE001 - a failing configuration is recorded, the run goes on
+            side.fail(exc)
+        _release(ctx.device)
+        failed.append(side.result)
+        if side.result.status != "oom" or not ctx.config.oom_fallback or batch == 1:
+            return failed, None
         batch = max(1, batch // 2)
+
+
+def _time_windows(sides: Sequence[_Side], ctx: _Run) -> None:
+    """Time every side's windows, alternating between the sides window by window, then fill their results."""
+    before = ctx.monitor.sample()
+    windows = ctx.config.windows
+    for w in range(windows):
+        for side in sides:
+            if side.failed:
+                continue
+            try:
+                side.window(last=w == windows - 1)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other side goes on
+                side.fail(exc)
+                _release(ctx.device)
+                continue
+            after = ctx.monitor.sample()
+            side.spans.append((before, after))
+            before = after
+    for side in sides:
+        side.finish()
+
+
+def _unsupported_cell(exc: _Unsupported, labels: Sequence[tuple[str, tuple[int, int, int]]], batch: int,
+                      dtype: str, ctx: _Run) -> list[ThroughputResult]:
+    out = []
+    for label, shape in labels:
+        r = _new_result(label, batch, batch, dtype, shape, ctx)
+        _record_failure(r, exc, ctx)
+        out.append(r)
+    return out
+
+
+def _single_cell(model: nn.Module, batch: int, dtype: str, shape: tuple[int, int, int], label: str,
+                 ctx: _Run) -> list[ThroughputResult]:
+    """One (dtype, batch) of one model: the failed attempts, then the measured (or last failed) record."""
+    try:
+        with _precision(ctx.device, dtype):
+            records, side = _start(model, batch, batch, dtype, shape, label, ctx)
+            if side is not None:
+                _time_windows([side], ctx)
+                records.append(side.result)
+    except _Unsupported as exc:
+        return _unsupported_cell(exc, [(label, shape)], batch, dtype, ctx)
+    return records
 
 
 def _last_ok(results: Sequence[ThroughputResult]) -> ThroughputResult | None:
@@ -601,15 +707,16 @@ def measure_throughput(model: nn.Module, config: ThroughputConfig | None = None,
 
     After an OOM the list holds the "oom" record(s) followed by the result at the batch that fitted
     (``requested_batch_size`` ties them together). Never raises for OOM, unsupported dtypes or model errors.
+    Every measured result carries the machine's `Contention` during its windows.
     """
     cfg = config or ThroughputConfig()
     device = resolve_device(cfg.device)
     shape = input_shape(model, cfg.input_size)
     results: list[ThroughputResult] = []
     with TelemetrySession(device) as session, _prepared([model], device):
-        ctx = _Run(cfg, device, session)
+        ctx = _Run(cfg, device, session, ContentionMonitor(device))
         for dtype, batch in _grid(cfg, label):
-            results.extend(_with_fallback(model, batch, batch, dtype, shape, label, ctx))
+            results.extend(_single_cell(model, batch, dtype, shape, label, ctx))
     return results
 
 
@@ -617,9 +724,12 @@ def measure_pair(baseline_model: nn.Module, model: nn.Module, config: Throughput
                  baseline_label: str = "baseline", label: str = "model") -> PairResult:
     """Measure a baseline and a (reduced) model right beside each other, for a speed-up from one run.
 
-    For each (dtype, batch size) the baseline runs first, then the model, at the batch the baseline
-    fitted; if the model then needs a smaller batch, the baseline is measured again at that batch, so
-    every speed-up compares equal batches. Both models are on the device together for the whole call.
+    For each (dtype, batch size) the baseline is warmed up first, then the model at the batch the baseline
+    fitted; if the model then needs a smaller batch, the baseline is warmed up again at that batch, so every
+    speed-up compares equal batches. Then their timed windows alternate (baseline, model, baseline, ...):
+    a change of machine load during the cell hits both sides alike, so the ratio holds while the raw figures
+    move (each result's ``contention`` says how loaded the machine was). Both models are on the device
+    together for the whole call.
     """
     cfg = config or ThroughputConfig()
     device = resolve_device(cfg.device)
@@ -628,18 +738,26 @@ def measure_pair(baseline_model: nn.Module, model: nn.Module, config: Throughput
     model_all: list[ThroughputResult] = []
     speedups: list[Speedup] = []
     with TelemetrySession(device) as session, _prepared([baseline_model, model], device):
-        ctx = _Run(cfg, device, session)
+        ctx = _Run(cfg, device, session, ContentionMonitor(device))
         for dtype, batch in _grid(cfg, f"{baseline_label} vs {label}"):
-            base = _with_fallback(baseline_model, batch, batch, dtype, shape_b, baseline_label, ctx)
-            b_ok = _last_ok(base)
-            mod = _with_fallback(model, b_ok.batch_size if b_ok else batch, batch, dtype, shape_m, label, ctx)
-            m_ok = _last_ok(mod)
-            if b_ok and m_ok and m_ok.batch_size < b_ok.batch_size:
-                base += _with_fallback(baseline_model, m_ok.batch_size, batch, dtype, shape_b, baseline_label, ctx)
-                b_ok = _last_ok(base)
+            try:
+                with _precision(device, dtype):
+                    base, b = _start(baseline_model, batch, batch, dtype, shape_b, baseline_label, ctx)
+                    mod, m = _start(model, b.result.batch_size if b else batch, batch, dtype, shape_m, label, ctx)
+                    if b is not None and m is not None and m.result.batch_size < b.result.batch_size:
+                        b.x = None  # its warm-up at the larger batch is not timed: compare at the model's batch
+                        more, b = _start(baseline_model, m.result.batch_size, batch, dtype, shape_b,
+                                         baseline_label, ctx)
+                        base += more
+                    _time_windows([s for s in (b, m) if s is not None], ctx)
+                    base += [b.result] if b is not None else []
+                    mod += [m.result] if m is not None else []
+            except _Unsupported as exc:
+                base, mod = (_unsupported_cell(exc, [(lbl, shp)], batch, dtype, ctx)
+                             for lbl, shp in ((baseline_label, shape_b), (label, shape_m)))
             base_all += base
             model_all += mod
-            speedups.append(_speedup(dtype, batch, b_ok, m_ok, base, mod))
+            speedups.append(_speedup(dtype, batch, _last_ok(base), _last_ok(mod), base, mod))
     return PairResult(baseline=base_all, model=model_all, speedups=speedups)
 
 
