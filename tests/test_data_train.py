@@ -13,13 +13,26 @@ import torch
 from PIL import Image
 
 from tpsexplore.backbones import create_backbone
-from tpsexplore.measure.data import DataSpec, ImageListData, TensorData, build_datasets
+from sklearn.datasets import load_digits
+
+from tpsexplore.measure.data import (
+    CLUTTER,
+    PROXY_VERSIONS,
+    ClutteredData,
+    ClutterSpec,
+    DataSpec,
+    ImageListData,
+    TensorData,
+    build_datasets,
+    render_cluttered,
+)
 from tpsexplore.measure.train import (
     FinetuneConfig,
     ProxyConfig,
     evaluate,
     finetune,
     proxy_backbone,
+    proxy_cache_path,
     proxy_lr,
     token_distill_loss,
     tps_lr,
@@ -43,41 +56,111 @@ def tiny_vit(img_size: int = 16, patch_size: int = 4, num_classes: int = 10, **k
 def proxy_small():
     torch.manual_seed(0)
     model = tiny_vit()
-    train, val, info = build_datasets(DataSpec(seed=0, train_limit=64, val_limit=48), model)
+    # the old digits proxy: a tiny model learns it in a few dozen steps (the cluttered one needs hundreds)
+    train, val, info = build_datasets(DataSpec(seed=0, train_limit=64, val_limit=48, proxy="digits"), model)
     return model, train, val, info
 
 
-# ----------------------------------------------------------------------------- data: digits proxy
-def test_proxy_shapes_classes_and_seed_fixed_split():
-    model = tiny_vit(img_size=24, patch_size=8)
+# ----------------------------------------------------------------------------- data: proxies
+def _digit_indices(ds) -> set[int]:
+    return set(ds.indices.tolist())
+
+
+def test_cluttered_proxy_is_the_default_with_a_fixed_large_val_set_from_disjoint_digits():
+    model = tiny_vit(img_size=56, patch_size=8, depth=1)
     train, val, info = build_datasets(DataSpec(seed=3), model)
-    assert isinstance(train, TensorData) and isinstance(val, TensorData)
-    assert train.images.shape[1:] == (3, 24, 24) and train.images.dtype == torch.float32
-    assert len(train) + len(val) == 1797 and abs(len(val) - 359) <= 1
+    assert DataSpec().proxy == "cluttered" and info["source"] == "cluttered"
+    assert isinstance(train, ClutteredData) and isinstance(val, TensorData)
+    assert len(val) == info["n_val"] >= 4000 and val.images.shape[1:] == (3, 56, 56)
+    # train and val come from disjoint real digits; each val digit appears at several placements
+    assert _digit_indices(train).isdisjoint(_digit_indices(val))
+    assert len(train) == info["n_train"] == info["proxy"]["n_train_digits"] == 1797 - 359
+    assert info["proxy"]["n_val_digits"] == len(_digit_indices(val)) == 359
     assert set(train.labels.tolist()) == set(range(10)) == set(val.labels.tolist())
-    assert set(train.indices.tolist()).isdisjoint(val.indices.tolist())
-    assert (info["source"], info["num_classes"], info["img_size"], info["patch_size"]) == ("digits", 10, 24, 8)
-    assert (info["num_patches"], info["num_tokens"]) == (9, 10) and "not ImageNet" in info["note"]
-    # the three channels are copies, normalised to [-1, 1]
-    assert torch.equal(train.images[:, 0], train.images[:, 2])
-    assert train.images.min() >= -1.0 and train.images.max() <= 1.0
-    again, again_val, _ = build_datasets(DataSpec(seed=3), model)
-    assert torch.equal(again.indices, train.indices) and torch.equal(again_val.images, val.images)
-    other, _, _ = build_datasets(DataSpec(seed=4), model)
-    assert not torch.equal(other.indices, train.indices)
+    digits = torch.from_numpy(load_digits().images).float() / 16
+    assert torch.equal(train.digits, digits[train.indices])  # fragments are cut from the training digits only
+    # the definition is recorded
+    d = info["proxy"]
+    assert (d["name"], d["version"], d["seed"], d["canvas"]) == ("cluttered", PROXY_VERSIONS["cluttered"], 3, 56)
+    assert d["digit_px"] == [28.0, 42.0] and d["fragments"] == list(CLUTTER.fragments)
+    assert d["fragment_crop"] == list(CLUTTER.fragment_crop) and d["val_images"] == len(val)
+    assert "not ImageNet" in info["note"] and (info["num_patches"], info["num_tokens"]) == (49, 50)
+    # normalised to [-1, 1], three equal channels, black background: the digit covers part of the canvas
+    assert val.images.min() == -1.0 and val.images.max() <= 1.0 and torch.equal(val.images[:, 0], val.images[:, 2])
+    ink = (val.images[:, 0] > -0.9).float().mean().item()
+    assert 0.1 < ink < 0.45, ink  # 29% at the defaults
+    # the val set is identical across builds with the same seed, and another seed gives another one
+    _, again, again_info = build_datasets(DataSpec(seed=3), model)
+    assert torch.equal(again.images, val.images) and torch.equal(again.labels, val.labels)
+    assert torch.equal(again.indices, val.indices) and again_info["proxy"] == info["proxy"]
+    other_train, other, _ = build_datasets(DataSpec(seed=4), model)
+    assert len(other) == len(val) and not torch.equal(other.images, val.images)
+    assert _digit_indices(other_train) != _digit_indices(train)
+    # limits keep a seed-fixed subset of the training digits and of the val images
     small, small_val, info = build_datasets(DataSpec(seed=3, train_limit=50, val_limit=20), model)
     assert (len(small), len(small_val), info["n_train"], info["n_val"]) == (50, 20, 50, 20)
-    assert set(small.indices.tolist()) <= set(train.indices.tolist())
+    assert _digit_indices(small) <= _digit_indices(train)
+    same = (small_val.images[:, None, 0] == val.images[None, :, 0]).flatten(2).all(-1)  # (20, 4000)
+    assert same.any(1).all() and torch.equal(small_val.labels, val.labels[same.float().argmax(1)])
 
 
-def test_proxy_shift_augments_train_batches_only():
-    model = tiny_vit()
-    train, val, _ = build_datasets(DataSpec(seed=0, proxy_shift=0.2, train_limit=16, val_limit=8), model)
+def test_cluttered_training_batches_are_fresh_renderings():
+    model = tiny_vit(img_size=56, patch_size=8, depth=1)
+    train, _, _ = build_datasets(DataSpec(seed=0, train_limit=64, val_limit=8), model)
+    idx = torch.arange(16)
+    x0, y0 = train.batch(idx)  # not augmented: the fixed pool
+    assert torch.equal(x0, train.images[:16]) and torch.equal(y0, train.labels[:16])
+    xa, ya = train.batch(idx, torch.Generator().manual_seed(1), augment=True)
+    xb, _ = train.batch(idx, torch.Generator().manual_seed(1), augment=True)
+    xc, _ = train.batch(idx, torch.Generator().manual_seed(2), augment=True)
+    assert torch.equal(ya, y0) and xa.shape == x0.shape and torch.equal(xa, xb)  # seed-fixed
+    assert not torch.allclose(xa, x0) and not torch.allclose(xa, xc)  # new placements every draw
+
+
+def test_render_cluttered_draws_the_digit_inside_its_box_and_fragments_from_other_digits():
+    digits = torch.zeros(5, 8, 8)
+    digits[0] = 1.0  # the drawn digit is a solid square; the others are blank
+    spec = ClutterSpec(digit_size=(0.25, 0.5), fragments=(3, 3), fragment_intensity=(0.5, 0.7))
+    x = render_cluttered(digits, torch.zeros(32, dtype=torch.long), 56, spec, torch.Generator().manual_seed(0))
+    assert x.shape == (32, 1, 56, 56) and x.min() >= 0.0 and x.max() > 0.999
+    side = (x[:, 0] > 0.5).sum(dim=(1, 2)).float().sqrt()  # one solid square of 14..28 px per image
+    assert side.min() >= 14 - 1 and side.max() <= 28 + 1
+    # the same blank/solid digits swapped: only fragments carry ink, at their intensity, never the digit itself
+    digits = 1.0 - digits
+    x = render_cluttered(digits, torch.zeros(32, dtype=torch.long), 56, spec, torch.Generator().manual_seed(0))
+    assert 0.5 - 1e-6 <= x.amax(dim=(1, 2, 3)).min() and x.max() <= 0.7 + 1e-6
+    x = render_cluttered(digits, torch.zeros(4, dtype=torch.long), 56,
+                         ClutterSpec(fragments=(0, 0)), torch.Generator().manual_seed(0))
+    assert x.max() == 0.0  # no fragments: a blank digit gives a blank image
+    with pytest.raises(ValueError, match=r"^fragment_crop: \(2, 9\) must satisfy"):
+        ClutterSpec(fragment_crop=(2, 9))
+
+
+def test_old_digits_proxy_stays_reachable_by_name():
+    model = tiny_vit(img_size=24, patch_size=8)
+    train, val, info = build_datasets(DataSpec(seed=3, proxy="digits"), model)
+    assert type(train) is TensorData and isinstance(val, TensorData)
+    assert train.images.shape[1:] == (3, 24, 24) and train.images.dtype == torch.float32
+    assert len(train) + len(val) == 1797 and abs(len(val) - 359) <= 1
+    assert _digit_indices(train).isdisjoint(_digit_indices(val))
+    assert (info["source"], info["num_classes"], info["img_size"], info["patch_size"]) == ("digits", 10, 24, 8)
+    assert info["proxy"]["name"] == "digits" and (info["num_patches"], info["num_tokens"]) == (9, 10)
+    assert torch.equal(train.images[:, 0], train.images[:, 2])
+    assert train.images.min() >= -1.0 and train.images.max() <= 1.0
+    # the random shift augments its training batches only
+    train, val, _ = build_datasets(DataSpec(seed=0, proxy="digits", proxy_shift=0.2, train_limit=16, val_limit=8),
+                                   model)
     idx = torch.arange(8)
     x0, y0 = train.batch(idx)
     xa, ya = train.batch(idx, torch.Generator().manual_seed(1), augment=True)
     assert torch.equal(y0, ya) and xa.shape == x0.shape and not torch.allclose(xa, x0)
     assert torch.equal(val.batch(idx, torch.Generator(), augment=True)[0], val.images[:8])
+    with pytest.raises(ValueError, match=r"^proxy: 'mnist'; allowed: cluttered, digits"):
+        DataSpec(proxy="mnist")
+    with pytest.raises(ValueError, match=r"^proxy_shift: 0.1 applies to the 'digits' proxy only"):
+        DataSpec(proxy_shift=0.1)
+    with pytest.raises(ValueError, match=r"^proxy: 'mnist'; allowed: cluttered, digits"):
+        ProxyConfig(proxy="mnist")
 
 
 # ----------------------------------------------------------------------------- data: real images
@@ -204,7 +287,8 @@ def test_evaluate_top1_top5(proxy_small):
     model, _, val, _ = proxy_small
     model.train()
     result = evaluate(model, val, batch_size=20, progress=False)
-    assert set(result) == {"top1", "top5", "n"} and result["n"] == len(val) == 48
+    assert set(result) == {"top1", "top5", "n", "correct1", "correct5", "top1_bits"} and result["n"] == len(val) == 48
+    assert result["top1_bits"].shape == (48,) and int(result["top1_bits"].sum()) == result["correct1"]
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     assert model.training  # the caller's mode is restored
     # hand check against the logits
@@ -266,8 +350,9 @@ def test_proxy_cache_written_then_reused(tmp_path, capsys):
                       min_top1=None, model_kwargs=TINY)
     model, info = proxy_backbone("deit_t", seed=0, cache_dir=tmp_path, cfg=cfg)
     err = capsys.readouterr().err
-    assert info["cache"] == "trained" and "training deit_t on the digits proxy" in err and info["lr"] == 3e-3
-    assert info["weights_note"] == "proxy-pretrained on digits, not ImageNet"
+    assert info["cache"] == "trained" and "training deit_t on the cluttered proxy" in err and info["lr"] == 3e-3
+    assert info["weights_note"] == "proxy-pretrained on cluttered (scikit-learn digits), not ImageNet"
+    assert info["proxy"]["name"] == "cluttered" and info["proxy"]["n_val"] == info["n_val"] == 32
     assert (info["img_size"], info["patch_size"], info["num_patches"], info["num_tokens"]) == (16, 4, 16, 17)
     files = list(tmp_path.iterdir())
     assert [f.name for f in files] == [Path(info["checkpoint"]).name]  # no temporary files left behind
@@ -286,3 +371,17 @@ def test_proxy_cache_written_then_reused(tmp_path, capsys):
         proxy_backbone("deit_t", seed=1, cache_dir=tmp_path, progress=False,
                        cfg=ProxyConfig(**{**cfg.__dict__, "min_top1": 1.01}))
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_proxy_config_defaults_and_cache_key_follow_the_proxy_definition(tmp_path):
+    cfg = ProxyConfig()
+    assert (cfg.proxy, cfg.img_size, cfg.patch_size, cfg.epochs) == ("cluttered", 56, 8, None)
+    assert cfg.min_top1 >= 0.85 and cfg.finetune_config(0, False).steps == cfg.steps
+    by_epochs = ProxyConfig(epochs=2).finetune_config(0, False)
+    assert (by_epochs.steps, by_epochs.epochs) == (None, 2)  # epochs, when set, give the length
+    path = proxy_cache_path("deit_t", 0, tmp_path, cfg)
+    old = proxy_cache_path("deit_t", 0, tmp_path, ProxyConfig(proxy="digits"))
+    assert "cluttered56p8" in path.name and "digits56p8" in old.name and path != old
+    assert proxy_cache_path("deit_t", 0, tmp_path, ProxyConfig(steps=cfg.steps + 1)) != path
+    with pytest.raises(ValueError, match=r"^steps: 0 must be a positive integer"):
+        ProxyConfig(steps=0)

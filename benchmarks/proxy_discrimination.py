@@ -1,0 +1,233 @@
+"""Does the default proxy tell token-reduction methods apart? (issue 9, acceptance item 1)
+
+Runs the search's own code path (`build_settings` -> `Task.prepare` / `new_model` / `evaluate` /
+`finetune`, `SearchSpace.default_params` / `from_params`, `config_seed`) on the default proxy at the
+main command's budget (0.35) and checks:
+
+1. the validation set has at least 4,000 images;
+2. the unreduced deit_t reaches at least 85% top-1;
+3. the published-default random pruning scores below the published-default Top-K, exact McNemar
+   p < 0.01, zero-shot and after the search's fine-tune (40 steps, seeds from `config_seed`);
+4. a Top-K config that keeps 1 patch token after block 4 loses at least 20 points against the
+   baseline after the fine-tune.
+
+The pre-trained backbone comes from the proxy cache (`$TPSEXPLORE_CACHE`, default ~/.cache/tpsexplore):
+the first run trains it (its steps, seconds and accuracy are recorded), later runs load it.
+
+    TPSEXPLORE_CACHE=/tmp/proxycache python benchmarks/proxy_discrimination.py
+
+Writes benchmarks/results/proxy_discrimination.json (n, correct, Wilson 95% intervals of every accuracy,
+paired differences with Newcombe intervals and exact McNemar p-values, the pre-training record).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpsexplore.measure.environment import environment_info
+from tpsexplore.reduce import ReductionConfig, apply, token_schedule
+from tpsexplore.search.objective import config_seed
+from tpsexplore.search.space import SearchSpace, resolve_variants
+from tpsexplore.search.spec import build_settings
+from tpsexplore.search.task import Task
+from tpsexplore.stats import Accuracy, mcnemar, paired_difference
+
+MIN_VAL_IMAGES = 4000
+MIN_BASELINE_TOP1 = 0.85
+MAX_P = 0.01
+MIN_ONE_TOKEN_DROP = 0.20
+ONE_TOKEN_BLOCK = 4
+
+# How the default design was chosen (scratch runs on a shared 2-core CPU, deit_t 56/p8 from random init, the
+# search's Task path for the configs, val = the 4,000 fixed images; "1tok" = topk k0.408,0.05@3,4; zs = zero
+# shot, ft = after the 40-step fine-tune; drops are fractions below the unreduced model without fine-tune).
+DESIGN_HISTORY = [
+    {"design": "digits 16-28 px, 2-4 fragments (3x3-5x5 source-pixel crops), ink 0.5-1.0", "steps": 500,
+     "batch": 64, "lr": 5e-4, "warmup": 0.1, "val_top1": 0.160, "note": "does not learn (chance until step 400)"},
+    {"design": "digits 22-34 px, 2-3 fragments (2x2-4x4 crops), ink 0.3-0.6", "steps": 500, "batch": 64,
+     "lr": 1e-3, "warmup": 0.1, "val_top1": 0.209},
+    {"design": "digits 16-28 px, no fragments", "steps": 500, "batch": 64, "lr": 5e-4, "warmup": 0.1,
+     "val_top1": 0.595, "topk_zs": 0.555, "random_zs": 0.291, "1tok_drop_zs": 0.064, "1tok_drop_ft": 0.019},
+    {"design": "default: digits 28-42 px, 1-3 fragments (2x2-4x4 crops), ink 0.3-0.6", "steps": 500, "batch": 64,
+     "lr": 5e-4, "warmup": 0.1, "val_top1": 0.636, "topk_zs": 0.455, "random_zs": 0.347, "topk_ft": 0.514,
+     "random_ft": 0.369, "1tok_drop_zs": 0.192, "1tok_drop_ft": 0.015},
+    {"design": "default", "steps": 500, "batch": 64, "lr": 5e-4, "warmup": 0.3, "val_top1": 0.788,
+     "topk_zs": 0.753, "random_zs": 0.410, "topk_ft": 0.750, "random_ft": 0.450, "1tok_drop_zs": 0.070,
+     "1tok_drop_ft": 0.029},
+    {"design": "default", "steps": 1000, "batch": 32, "lr": 5e-4, "warmup": 0.3, "val_top1": 0.827,
+     "topk_zs": 0.763, "random_zs": 0.431, "topk_ft": 0.783, "random_ft": 0.485, "1tok_drop_zs": 0.100,
+     "1tok_drop_ft": 0.049},
+    {"design": "default", "steps": 1500, "batch": 64, "lr": 5e-4, "warmup": 0.1, "val_top1": 0.945,
+     "val1000_by_step": {"250": 0.554, "500": 0.784, "750": 0.855, "1000": 0.924, "1250": 0.926},
+     "topk_zs": 0.914, "random_zs": 0.514, "topk_ft": 0.928, "random_ft": 0.581, "1tok_drop_zs": 0.096,
+     "1tok_drop_ft": 0.046, "baseline_ft": 0.934},
+]
+
+
+def one_token_config(seed: int, depth: int, num_patches: int) -> ReductionConfig:
+    """Top-K keeping 20 of 49 tokens at block 3 and 1 patch token at block 4 (checked on the schedule)."""
+    cfg = ReductionConfig("topk", locations=(3, ONE_TOKEN_BLOCK), keep_ratios=(0.408, 0.05), seed=seed)
+    sched = token_schedule(cfg, num_patches, 1, depth)
+    last = sched.stages[-1]
+    if (last.block, last.after) != (ONE_TOKEN_BLOCK, 1):
+        raise ValueError(f"keep_ratios: {cfg.keep_ratios} keep {last.after} patch tokens after block {last.block}; "
+                         f"the check needs exactly 1 after block {ONE_TOKEN_BLOCK}")
+    return cfg
+
+
+def accuracy_record(acc: Accuracy) -> dict[str, Any]:
+    lo, hi = acc.interval
+    return {"top1": acc.value, "n": acc.n, "correct": acc.correct, "ci95": [lo, hi], "ci_method": "wilson"}
+
+
+def compare(a: Accuracy, b: Accuracy, name_a: str, name_b: str) -> dict[str, Any]:
+    diff = paired_difference(a, b)
+    test = mcnemar(a, b)
+    return {"a": name_a, "b": name_b, "difference": diff.difference, "ci95": [diff.low, diff.high],
+            "ci_method": "newcombe", "only_a": test.only_a, "only_b": test.only_b, "discordant": test.discordant,
+            "mcnemar_p": test.p_value, "test": "exact McNemar (two-sided binomial on the discordant images)"}
+
+
+def run_config(task: Task, name: str, cand: Any, study_seed: int, steps: int,
+               depth: int) -> tuple[dict[str, Any], Accuracy, Accuracy]:
+    """The search's trial path for one config: build, apply, zero-shot eval, fine-tune, eval."""
+    model = task.new_model()
+    seed = config_seed(cand, study_seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # as run_trial: learned predictors are initialised from the global RNG
+        apply(model, cand.config)
+    t0 = time.perf_counter()
+    zs = task.evaluate(model)
+    t_zs = time.perf_counter() - t0
+    stats = task.finetune(model, steps, seed=seed)
+    t0 = time.perf_counter()
+    ft = task.evaluate(model)
+    t_ft = time.perf_counter() - t0
+    sched = token_schedule(cand.config, task.geometry.num_patches, task.geometry.num_prefix, depth) \
+        if cand.config.method != "none" else None
+    rec = {
+        "name": name,
+        "variant": cand.variant,
+        "label": cand.config.label,
+        "config": cand.config.to_dict(),
+        "gmacs": cand.gmacs,
+        "fraction_of_baseline": cand.fraction,
+        "seed": seed,
+        "tokens_per_block": [list(t) for t in sched.blocks] if sched is not None else None,
+        "zero_shot": accuracy_record(zs["accuracy"]),
+        "finetuned": accuracy_record(ft["accuracy"]),
+        "finetune": stats,
+        "eval_seconds": [t_zs, t_ft],
+    }
+    print(f"  {name:10s} {cand.config.label:32s} {cand.fraction:.3f}x  zero-shot {zs['accuracy']}  "
+          f"fine-tuned {ft['accuracy']}", flush=True)
+    return rec, zs["accuracy"], ft["accuracy"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=0.35)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--proxy", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="ProxyConfig overrides for design runs, e.g. steps=300 lr=1e-3 (values parsed as JSON)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "proxy_discrimination.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    proxy = {}
+    for item in args.proxy:
+        key, _, value = item.partition("=")
+        proxy[key] = json.loads(value)
+    settings = build_settings({}, {"backbone": "deit_t", "budget": args.budget, "seed": args.seed, "device": "cpu",
+                                   "proxy": proxy or None})
+    device = torch.device("cpu")
+    task = Task(settings, device)
+    t0 = time.perf_counter()
+    task.prepare(progress=True)
+    prepare_s = time.perf_counter() - t0
+    from tpsexplore.measure.train import proxy_backbone
+
+    _, winfo = proxy_backbone(settings.backbone, seed=settings.seed, progress=False, cfg=task.proxy_cfg)
+    depth = task.geometry.depth
+    space = SearchSpace(task.geometry, settings.budget, resolve_variants(settings.methods), settings.max_stages,
+                        settings.space, settings.seed)
+    defaults = {p["method"]: space.from_params(p) for p in space.default_params()}
+    cands = {
+        "baseline": space.baseline(),
+        "topk": defaults["topk"],
+        "random": defaults["random"],
+        "topk_1tok": space.candidate(one_token_config(settings.seed, depth, task.geometry.num_patches), "topk",
+                                     None, "1 patch token after block 4"),
+    }
+    print(f"proxy: {task.data_description}; val {len(task.val_set)} images; {settings.finetune_steps} fine-tune "
+          f"steps per config", flush=True)
+    records, zs, ft = {}, {}, {}
+    for name, cand in cands.items():
+        records[name], zs[name], ft[name] = run_config(task, name, cand, settings.seed, settings.finetune_steps,
+                                                       depth)
+    comparisons = {
+        "topk_vs_random_zero_shot": compare(zs["topk"], zs["random"], "topk", "random"),
+        "topk_vs_random_finetuned": compare(ft["topk"], ft["random"], "topk", "random"),
+        "baseline_vs_topk_1tok_finetuned": compare(ft["baseline"], ft["topk_1tok"], "baseline (fine-tuned)",
+                                                   "topk_1tok"),
+        "baseline_zero_shot_vs_topk_1tok_finetuned": compare(zs["baseline"], ft["topk_1tok"], "baseline (unreduced)",
+                                                             "topk_1tok"),
+    }
+    n_val = len(task.val_set)
+    c1 = comparisons["topk_vs_random_zero_shot"]
+    c2 = comparisons["topk_vs_random_finetuned"]
+    c3 = comparisons["baseline_vs_topk_1tok_finetuned"]
+    c4 = comparisons["baseline_zero_shot_vs_topk_1tok_finetuned"]
+    checks = {
+        "val_images_at_least_4000": {"value": n_val, "pass": n_val >= MIN_VAL_IMAGES},
+        "baseline_top1_at_least_0.85": {"value": zs["baseline"].value,
+                                        "pass": zs["baseline"].value >= MIN_BASELINE_TOP1},
+        "random_below_topk_zero_shot_p_below_0.01": {
+            "difference": c1["difference"], "p": c1["mcnemar_p"],
+            "pass": c1["difference"] > 0 and c1["mcnemar_p"] < MAX_P},
+        "random_below_topk_finetuned_p_below_0.01": {
+            "difference": c2["difference"], "p": c2["mcnemar_p"],
+            "pass": c2["difference"] > 0 and c2["mcnemar_p"] < MAX_P},
+        "topk_1tok_loses_at_least_20_points_finetuned": {
+            "drop_vs_finetuned_baseline": c3["difference"], "drop_vs_unreduced_baseline": c4["difference"],
+            "pass": min(c3["difference"], c4["difference"]) >= MIN_ONE_TOKEN_DROP},
+    }
+    doc = {
+        "what": "does the default proxy tell token-reduction methods apart (issue 9, acceptance 1)",
+        "code_path": "tpsexplore.search: build_settings, Task.prepare/new_model/evaluate/finetune, "
+                     "SearchSpace.default_params/from_params, objective.config_seed",
+        "settings": {"backbone": settings.backbone, "budget": settings.budget, "seed": settings.seed,
+                     "finetune_steps": settings.finetune_steps, "finetune": task.finetune_kwargs,
+                     "device": str(device), "torch_threads": torch.get_num_threads()},
+        "data": task.data_info,
+        "data_description": task.data_description,
+        "eval_set": task.eval_set,
+        "pretraining": {k: winfo.get(k) for k in ("val_top1", "val_top5", "n_val", "val_correct", "steps", "epochs",
+                                                  "lr", "train_seconds", "checkpoint", "proxy_config")},
+        "pretraining_cache": task.weights_info.get("cache"),
+        "prepare_seconds": prepare_s,
+        "configs": records,
+        "comparisons": comparisons,
+        "checks": checks,
+        "all_pass": all(c["pass"] for c in checks.values()),
+        "design_history": DESIGN_HISTORY,
+        "loadavg_end": list(os.getloadavg()),
+        "environment": environment_info("cpu"),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    for name, c in checks.items():
+        print(f"{'PASS' if c['pass'] else 'FAIL'} {name}: {json.dumps({k: v for k, v in c.items() if k != 'pass'})}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
