@@ -186,6 +186,9 @@ def make_sampler(settings: SearchSettings, salt: int = 0, grid: dict[str, list[A
             return optuna.samplers.GridSampler(grid, seed=seed)
         if s.name == "nsga2":
             return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed)
+        if s.name == "gp":  # models only the params every completed trial has (Optuna's intersection space)
+            return optuna.samplers.GPSampler(n_startup_trials=s.n_startup_trials, seed=seed,
+                                             warn_independent_sampling=False)
         return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=s.n_startup_trials, seed=seed)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .spec import DEFAULT_FINETUNE_STEPS, DEFAULT_TRIALS, OBJECTIVES
+from .spec import DEFAULT_FINETUNE_STEPS, DEFAULT_TRIALS, OBJECTIVES, ConfirmSettings
 
 _FLAGS = ("backbone", "budget", "trials", "timeout", "methods", "max_stages", "objectives", "finetune_steps",
           "device", "study_name", "out", "storage", "workers", "seed", "threads", "data", "checkpoint")
@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", help="stop starting trials after this long (seconds, or 15m / 1h)")
     g.add_argument("--finetune-steps", dest="finetune_steps", type=int, help="fine-tune steps per trial that "
                    f"passes the zero-shot gate; 0 = zero-shot only (default {DEFAULT_FINETUNE_STEPS})")
+    g.add_argument("--confirm", metavar="TOP[xSEEDS]", help="after the trials, re-fine-tune the TOP most accurate "
+                   "feasible front configs (and the baseline) with SEEDS more seeds each and store mean +- spread "
+                   f"(default {ConfirmSettings.top}x{ConfirmSettings.seeds}; 0 = off; study file: [confirm] top, "
+                   "seeds, baseline)")
     g = parser.add_argument_group("where")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs); the study goes to DIR/NAME")
     g.add_argument("--study-name", dest="study_name", help="study name (default <backbone>_budget<percent>)")
@@ -70,9 +74,26 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k, None) for k in _FLAGS}
     if args.quiet:
         flags["progress"] = False
+    if getattr(args, "confirm", None) is not None:
+        flags["confirm"] = parse_confirm(args.confirm)
     settings = build_settings(file_values, flags)
     outcome = run_search(settings, out=sys.stdout)
     if outcome.interrupted:
         print("tpsexplore search: interrupted; what was measured is recorded (rerun the same command to resume)",
               file=sys.stderr)
     return outcome.exit_code
+
+
+def parse_confirm(text: str) -> dict[str, int]:
+    """``--confirm`` as [confirm] overrides: '3' (top 3), '3x4' (top 3, 4 more seeds), '0' / 'off' (none)."""
+    t = str(text).strip().lower()
+    if t in ("off", "none", "no"):
+        return {"top": 0}
+    top, sep, seeds = t.partition("x")
+    try:
+        out = {"top": int(top)}
+        if sep:
+            out["seeds"] = int(seeds)
+    except ValueError:
+        raise ValueError(f"confirm: {text!r} is not TOP or TOPxSEEDS (e.g. 2x2; 0 or off turns it off)") from None
+    return out

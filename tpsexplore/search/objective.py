@@ -94,6 +94,12 @@ class TrialContext:
     device: torch.device
     stop: Callable[[], bool] = lambda: False
     baseline_model: torch.nn.Module | None = None
+    # the study's reference baseline (`drift.Reference` dict, measured once at study start): the throughput and
+    # latency objectives are the paired speed-up times it; None: the raw figures (no reference measured)
+    reference: dict[str, Any] | None = None
+    # called with the trial right before a (feasible) trial's model is built: re-chooses and records the CPU
+    # thread count (`runner.thread_hook`)
+    before_build: Callable[[optuna.Trial], None] | None = None
 
 
 class _Recorder:
@@ -176,6 +182,8 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> tuple[str, list[float] 
         rec.finish("infeasible", reason)
         return "infeasible", None
     s = ctx.settings
+    if ctx.before_build is not None:
+        ctx.before_build(trial)
     trial.set_user_attr(A_ENVIRONMENT, ctx.environment)
     model = None
     try:
@@ -191,11 +199,11 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> tuple[str, list[float] 
             rec.add(_throughput(ctx, model))
             _check_stop(ctx)
             rec.phase("zero-shot eval")
-            zs = ctx.task.evaluate(model)
+            zs = ctx.task.evaluate(model, limit=s.gate.zero_shot_images or None)
             _check_finite("zero-shot accuracy", zs["top1"])
             rec.add(_accuracy(zs, "zero_shot"))
             trial.set_user_attr(A_ZERO_SHOT, zs["top1"])
-            cost = _cost(s, cand, rec.measurements)
+            cost = _cost(s, cand, rec.measurements, ctx.reference)
             trial.set_user_attr(A_COST, cost)
             if s.finetune_steps == 0:
                 rec.finish("complete", None)
@@ -283,18 +291,30 @@ def _accuracy(result: dict[str, Any], fidelity: str, extra: dict[str, Any] | Non
              "provenance": provenance, "extra": {**info, **top5.extra()}}]
 
 
-def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Reduced model and the unreduced baseline measured side by side (same process, batch, dtype)."""
-    from ..measure.throughput import ThroughputConfig, measure_pair
+def throughput_config(settings: SearchSettings, device: torch.device, min_windows: int = 1) -> Any:
+    """The `ThroughputConfig` of a study's speed measurements (batch 1 too when latency is on)."""
+    from ..measure.throughput import ThroughputConfig
 
-    m = ctx.settings.measure
-    gpu = ctx.device.type == "cuda"
+    m = settings.measure
+    gpu = device.type == "cuda"
     batches = (1, m.batch_size) if m.latency and m.batch_size != 1 else (m.batch_size,)
-    cfg = ThroughputConfig(batch_sizes=batches, dtypes=(m.dtype,), warmup_iters=2,
-                           warmup_s=m.gpu_warmup_s if gpu else m.warmup_s,
-                           window_s=m.gpu_window_s if gpu else m.window_s,
-                           windows=m.gpu_windows if gpu else m.windows,
-                           device=str(ctx.device), progress=False)
+    return ThroughputConfig(batch_sizes=batches, dtypes=(m.dtype,), warmup_iters=2,
+                            warmup_s=m.gpu_warmup_s if gpu else m.warmup_s,
+                            window_s=m.gpu_window_s if gpu else m.window_s,
+                            windows=max(min_windows, m.gpu_windows if gpu else m.windows),
+                            device=str(device), progress=False)
+
+
+def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Reduced model and the unreduced baseline measured side by side (same process, batch, dtype).
+
+    Their timed windows alternate (`measure_pair`); every throughput / latency row carries the machine's
+    contention during its windows in ``extra["contention"]`` (with the ``loaded`` verdict), and every
+    speed-up row says whether either side was ``loaded``.
+    """
+    from ..measure.throughput import measure_pair
+
+    cfg = throughput_config(ctx.settings, ctx.device)
     baseline = ctx.baseline_model if ctx.baseline_model is not None else ctx.task.new_model()
     pair = measure_pair(baseline, model, cfg, baseline_label="baseline", label="reduced")
     out: list[dict[str, Any]] = []
@@ -307,13 +327,18 @@ def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any
             continue
         common = {"batch_size": r.batch_size, "dtype": r.dtype, "device": r.device, "provenance": "measure_pair"}
         extra = {"windows": r.windows, "images_per_s_min": r.images_per_s_min, "images_per_s_max": r.images_per_s_max,
-                 "threads": r.threads, "timer": r.timer}
+                 "threads": r.threads, "timer": r.timer, "contention": _contention(r)}
+        b_extra = {"windows": b.windows, "images_per_s_min": b.images_per_s_min,
+                   "images_per_s_max": b.images_per_s_max, "threads": b.threads, "contention": _contention(b)}
+        loaded = bool(extra["contention"].get("loaded") or b_extra["contention"].get("loaded"))
         if r.batch_size == 1:
             out.append({"kind": "latency_ms", "value": r.latency_ms, "unit": "ms", **common, "extra": extra})
-            out.append({"kind": "baseline_latency_ms", "value": b.latency_ms, "unit": "ms", **common})
+            out.append({"kind": "baseline_latency_ms", "value": b.latency_ms, "unit": "ms", **common,
+                        "extra": b_extra})
         else:
             out.append({"kind": "throughput", "value": r.images_per_s, "unit": "img/s", **common, "extra": extra})
-            out.append({"kind": "baseline_throughput", "value": b.images_per_s, "unit": "img/s", **common})
+            out.append({"kind": "baseline_throughput", "value": b.images_per_s, "unit": "img/s", **common,
+                        "extra": b_extra})
             if r.peak_mem_bytes is not None:
                 out.append({"kind": "peak_mem_bytes", "value": float(r.peak_mem_bytes), "unit": "bytes", **common,
                             "extra": {"source": r.peak_mem_source}})
@@ -321,19 +346,43 @@ def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any
                 out.append({"kind": "joules_per_image", "value": r.joules_per_image, "unit": "J", **common})
         if sp.speedup is not None:
             out.append({"kind": "speedup", "value": sp.speedup, "unit": "x", **common,
-                        "extra": {"baseline_images_per_s": sp.baseline_images_per_s, "note": sp.note}})
+                        "extra": {"baseline_images_per_s": sp.baseline_images_per_s, "note": sp.note,
+                                  "loaded": loaded}})
     return out
 
 
-def _cost(s: SearchSettings, cand: Candidate, measurements: list[dict[str, Any]]) -> float:
-    """The second objective's value: analytic GMACs, measured throughput (img/s) or batch-1 latency (ms)."""
+def _contention(r: Any) -> dict[str, Any]:
+    return r.contention.to_dict() if r.contention is not None else {"loaded": False, "source": "not measured"}
+
+
+def _cost(s: SearchSettings, cand: Candidate, measurements: list[dict[str, Any]],
+          reference: dict[str, Any] | None = None) -> float:
+    """The second objective's value: analytic GMACs, or the paired speed against the study's reference.
+
+    throughput: speed-up at the study's batch x the reference baseline's img/s; latency: the reference
+    baseline's batch-1 ms / the batch-1 speed-up (`drift.paired_value`). Both stay put when the machine's
+    load changes during a study, since the speed-up is measured beside the baseline. Without a reference
+    (an old study, a bare `run_trial`) the raw measured img/s or ms is used.
+    """
     if s.cost_objective == "gflops":
         return cand.gmacs
+    from .drift import paired_value
+
     kind = "throughput" if s.cost_objective == "throughput" else "latency_ms"
-    for m in measurements:
-        if m["kind"] == kind:
-            return float(m["value"])
-    raise RuntimeError(f"{kind}: the throughput measurement failed, so the '{s.objectives}' objective has no value")
+    batch = s.measure.batch_size if kind == "throughput" else 1
+    speedups = {m.get("batch_size"): float(m["value"]) for m in measurements if m["kind"] == "speedup"}
+    speedup = speedups.get(batch)
+    if speedup is None and batch != 1 and any(b != 1 for b in speedups):  # the batch did not fit: the largest that did
+        speedup = speedups[max(b for b in speedups if b != 1)]
+    raw = next((float(m["value"]) for m in measurements if m["kind"] == kind), None)
+    if reference is not None and speedup is not None:
+        value = paired_value(kind, speedup, reference)
+        if value is not None:
+            return value
+    if raw is None:
+        raise RuntimeError(f"{kind}: the throughput measurement failed, so the '{s.objectives}' objective has no "
+                           "value")
+    return raw
 
 
 def _save_weights(ctx: TrialContext, number: int, model: torch.nn.Module, cand: Candidate) -> Path:

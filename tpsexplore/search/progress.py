@@ -176,23 +176,31 @@ class Progress:
 
 def front_table(rows: list[FrontRow], cost_name: str, baseline_gmacs: float,
                 extra: dict[int, dict[str, Any]] | None = None) -> str:
-    """The Pareto front as an aligned text table."""
+    """The Pareto front as an aligned text table: top-1 in percent with its 95% interval (``extra[n]["accuracy"]``,
+    an `Accuracy`; digits as the interval supports) and its exact McNemar comparison with the most accurate
+    (``extra[n]["vs_best"]``), GMACs, the cost objective at the reference, the paired speed-up
+    (``extra[n]["speedup"]``) and the weights file."""
+    from ..stats import decimals_for
+    from .recommend import accuracy_cell
+
     extra = extra or {}
-    head = ["trial", "method", "config", "top1", "zero-shot", "GMACs", "x base"]
+    head = ["trial", "method", "config", "top-1 % [95% CI]", "vs best (McNemar)", "zero-shot %", "GMACs", "x base"]
     if cost_name == "throughput":
         head.append("img/s")
     elif cost_name == "latency":
         head.append("ms (bs1)")
-    head += ["speedup", "weights"]
+    head += ["speed-up", "weights"]
     lines = [head]
     for r in rows:
         e = extra.get(r.number, {})
-        row = [str(r.number), r.variant, r.label, f"{r.accuracy:.4f}",
-               "-" if r.zero_shot is None else f"{r.zero_shot:.4f}",
-               "-" if r.gmacs is None else f"{r.gmacs:.4f}",
+        acc = e.get("accuracy")
+        d = decimals_for(acc.half_width) if acc is not None else 1
+        row = [str(r.number), r.variant, r.label, accuracy_cell(acc, r.accuracy), e.get("vs_best") or "-",
+               "-" if r.zero_shot is None else f"{100 * r.zero_shot:.{d}f}",
+               "-" if r.gmacs is None else f"{r.gmacs:.4g}",
                "-" if r.gmacs is None or not baseline_gmacs else f"{r.gmacs / baseline_gmacs:.3f}"]
         if cost_name in ("throughput", "latency"):
-            row.append(f"{r.cost:.2f}")
+            row.append(f"{r.cost:.4g}")
         sp = e.get("speedup")
         row += ["-" if sp is None else f"{sp:.2f}x", r.weights or "-"]
         lines.append(row)

@@ -11,6 +11,14 @@ Processes and stores:
 * Resume: rerunning the same command finds the study in both stores; RUNNING trials whose worker is gone
   (kill -9) are marked failed ("interrupted") and their configs re-queued (`backend.recover`); the search
   continues until ``--trials`` trials are done (interrupted ones do not count).
+* Speed: before the workers start, the unreduced baseline is measured once (the study's *reference*, stored
+  in study.json, the results store's study settings and the Optuna study, see `drift`); a resumed study
+  reuses it. The throughput / latency objectives are each trial's paired speed-up times the reference. With
+  automatic threads the CPU thread count is re-chosen before every trial and recorded on it.
+* Confirmation: after the last mirror, the coordinator re-fine-tunes the top front configs (and the
+  baseline) with further seeds and stores one ``accuracy_top1@confirmed`` per trial (`confirm`, ``[confirm]``
+  / ``--confirm``); skipped after a Ctrl-C, stored ones are not redone, a Ctrl-C during it stores nothing
+  half-done.
 * Ctrl-C: the running trial is recorded as failed ("interrupted", re-queued next time), the mirror runs
   once more, the front so far is printed, exit code 130.
 
@@ -29,7 +37,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +55,8 @@ from .space import SearchSpace, resolve_variants
 from .spec import SearchSettings, storage_kind
 
 RECOVER_EVERY_S = 30.0
+S_REFERENCE = "tpsx_reference"  # Optuna study user attr: the study's reference baseline (drift.Reference dict)
+A_THREADS = "tpsx_threads"  # Optuna trial user attr: CPU threads the trial ran with {threads, automatic, why}
 FINGERPRINT_KEYS = ("backbone", "budget", "objectives", "methods", "max_stages", "finetune_steps", "seed",
                     "space", "model", "proxy", "train", "dataset", "data", "checkpoint")
 
@@ -62,6 +72,7 @@ class SearchOutcome:
     elapsed_s: float = 0.0
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    confirmed: list[Any] = field(default_factory=list)  # confirm.ConfirmedTrial per confirmed trial
 
 
 # ============================================================================= checks (no writes)
@@ -75,21 +86,24 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def busy_cores(samples: int = 5, interval: float = 0.05) -> int | None:
-    """Cores other processes keep busy right now: the fewest runnable tasks over a few samples, minus this one.
+    """Cores other processes keep busy right now: the fewest runnable tasks of other processes over a few
+    samples (/proc/stat's procs_running minus this process's running threads, see
+    `tpsexplore.measure.telemetry.runnable_other_now`).
 
-    Read from /proc/stat's procs_running (Linux); None where that is not available. The 1-minute load average
-    is not used: it lags by minutes and would starve a run started right after other work finished.
+    Linux only; None where that is not available. The 1-minute load average is not used: it lags by minutes
+    and would starve a run started right after other work finished.
     """
+    from ..measure.telemetry import runnable_other_now
+
     counts = []
     for i in range(samples):
-        try:
-            with open("/proc/stat") as f:
-                counts += [int(line.split()[1]) for line in f if line.startswith("procs_running")]
-        except (OSError, ValueError, IndexError):
+        n = runnable_other_now()
+        if n is None:
             return None
+        counts.append(n)
         if i + 1 < samples:
             time.sleep(interval)
-    return max(0, min(counts) - 1) if counts else None
+    return min(counts) if counts else None
 
 
 def cpu_threads(settings: SearchSettings, device: torch.device) -> tuple[int, str]:
@@ -97,7 +111,8 @@ def cpu_threads(settings: SearchSettings, device: torch.device) -> tuple[int, st
 
     On a shared CPU, torch's default (one thread per core) oversubscribes the cores other processes use and
     its spinning threads slow every step several-fold; one thread per idle core (at least one) avoids that
-    and equals the default on an idle machine. Chosen once per run, so a run's throughputs are comparable.
+    and equals the default on an idle machine. Chosen at the start of a run, and again before each trial
+    when automatic (`trial_threads`); the paired speed-ups do not depend on it.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type != "cpu":
@@ -111,6 +126,27 @@ def cpu_threads(settings: SearchSettings, device: torch.device) -> tuple[int, st
         return torch.get_num_threads(), "torch's default"
     n = max(1, cores - busy)
     return n, f"{cores} cores, {busy} busy with other processes: one thread per idle core"
+
+
+def threads_automatic(settings: SearchSettings, device: torch.device) -> bool:
+    """Is the CPU thread count chosen by the search (``threads = 0`` and OMP_NUM_THREADS not set)?"""
+    return device.type == "cpu" and not settings.threads and not os.environ.get("OMP_NUM_THREADS")
+
+
+def trial_threads(settings: SearchSettings, device: torch.device, n_workers: int = 1,
+                  samples: int = 3, interval: float = 0.02) -> tuple[int, str]:
+    """The thread count for the next trial, re-read from the machine (automatic threads only).
+
+    One thread per core that other processes leave idle, at most this worker's share (cores // workers;
+    sibling workers count as other processes), at least one. Without /proc the current count is kept.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = busy_cores(samples=samples, interval=interval)
+    if busy is None:
+        return torch.get_num_threads(), "no /proc/stat: kept"
+    share = max(1, cores // max(1, n_workers))
+    n = max(1, min(share, cores - busy))
+    return n, f"{cores} cores, {busy} busy with other processes" + (f", {n_workers} workers" if n_workers > 1 else "")
 
 
 def check_output_dir(settings: SearchSettings) -> None:
@@ -238,7 +274,7 @@ def create_study(settings: SearchSettings, space: SearchSpace, fp: dict[str, Any
 
 
 def write_study_json(settings: SearchSettings, space: SearchSpace, task: Any, device: torch.device,
-                     objectives: list[str]) -> Path:
+                     objectives: list[str], reference: dict[str, Any] | None = None) -> Path:
     from ..measure.environment import environment_info
 
     env = environment_info(device)
@@ -260,6 +296,7 @@ def write_study_json(settings: SearchSettings, space: SearchSpace, task: Any, de
         "weights_kept": "every fine-tuned (complete) trial; gated, infeasible and failed trials are never "
                         "fine-tuned, so they have no weights",
         "space": space.describe(), "sampler": vars(settings.sampler), "measure": vars(settings.measure),
+        "reference": reference,
         "settings": settings.to_dict(),
         "versions": {k: env.get(k) for k in ("python", "torch", "timm", "optuna", "fvcore", "tpsexplore",
                                               "git_commit", "git_dirty")},
@@ -295,7 +332,65 @@ def _worker_context(settings: SearchSettings, index: int, n_workers: int, stop: 
         sampler=make_sampler(settings, salt=7919 * (index + 1) + 104729 * trials_now, grid=space.grid_space())))
     return TrialContext(settings=settings, space=space, task=task, study=study,
                         weights_dir=settings.study_dir / "weights", environment=environment_info(device),
-                        device=device, stop=stop, baseline_model=task.new_model())
+                        device=device, stop=stop, baseline_model=task.new_model(),
+                        reference=study.user_attrs.get(S_REFERENCE),
+                        before_build=thread_hook(settings, device, n_workers))
+
+
+def thread_hook(settings: SearchSettings, device: torch.device, n_workers: int) -> Callable[[Any], None]:
+    """Before each built trial: re-choose the CPU thread count when automatic (`trial_threads`), set it, and
+    record it on the trial (user attr ``tpsx_threads``: threads, automatic, why)."""
+    def hook(trial: Any) -> None:
+        if threads_automatic(settings, device):
+            n, why = trial_threads(settings, device, n_workers)
+            torch.set_num_threads(n)
+            auto = True
+        else:
+            auto, why = False, ("device is not the CPU" if device.type != "cpu"
+                                else "set by threads" if settings.threads else "OMP_NUM_THREADS")
+        trial.set_user_attr(A_THREADS, {"threads": torch.get_num_threads(), "automatic": auto, "why": why})
+    return hook
+
+
+def study_reference(settings: SearchSettings, study: optuna.Study, store: ResultsStore, task: Any,
+                    device: torch.device) -> dict[str, Any]:
+    """The study's reference baseline: the one stored in the Optuna study (or, for a study begun before
+    references, in the results store), else measured now with the study's measure settings (at least 5
+    windows; batch 1 too when latency is on) and stored in the Optuna study for every worker."""
+    from ..measure.throughput import measure_throughput
+    from .drift import Reference
+    from .objective import throughput_config
+
+    stored = study.user_attrs.get(S_REFERENCE)
+    if stored is None:
+        row = next((st for st in store.studies() if st.name == settings.name), None)
+        stored = (row.settings or {}).get("reference") if row is not None else None
+    if stored is not None:
+        ref = Reference.from_dict(stored)
+        if S_REFERENCE not in study.user_attrs:
+            study.set_user_attr(S_REFERENCE, ref.to_dict())
+        m = settings.measure
+        if (ref.throughput.batch_size, ref.throughput.dtype, ref.throughput.device) != (m.batch_size, m.dtype,
+                                                                                        str(device)):
+            print(f"[search] warning: the study's reference baseline was measured at batch "
+                  f"{ref.throughput.batch_size}/{ref.throughput.dtype}/{ref.throughput.device}, this run measures "
+                  f"{m.batch_size}/{m.dtype}/{device}: its paired speeds are scaled by the stored reference",
+                  file=sys.stderr)
+        return ref.to_dict()
+    model = task.new_model()
+    try:
+        results = measure_throughput(model, throughput_config(settings, device, min_windows=5), label="reference")
+    finally:
+        del model
+    ref = Reference.from_results(results, settings.measure.batch_size,
+                                 note={"source": "unreduced baseline measured once at study start"})
+    study.set_user_attr(S_REFERENCE, ref.to_dict())
+    stored = study.user_attrs.get(S_REFERENCE) or ref.to_dict()  # another coordinator may have been first
+    ref = Reference.from_dict(stored)
+    lat = f", {ref.latency_ms.value:.3g} ms at batch 1" if ref.latency_ms else ""
+    print(f"[search] reference baseline: {ref.throughput.value:.4g} img/s at batch {ref.throughput.batch_size}{lat}"
+          + (" (measured under load: every paired speed is scaled by it)" if ref.loaded else ""), file=sys.stderr)
+    return ref.to_dict()
 
 
 def worker_loop(ctx: TrialContext, index: int, deadline: float | None) -> str:
@@ -426,19 +521,22 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
         study = create_study(settings, space, fp)
         store = ResultsStore(db_path)
         try:
+            for note in notes:
+                print(f"[search] {note}", file=sys.stderr)
+            if device.type == "cpu":  # chosen here; when automatic, again before each trial (thread_hook)
+                threads, why = cpu_threads(settings, device)
+                torch.set_num_threads(threads)
+                print(f"[search] CPU: {threads} torch thread(s) ({why}"
+                      + ("; re-chosen before each trial)" if threads_automatic(settings, device) else ")"),
+                      file=sys.stderr)
+            task.prepare(progress=settings.progress)
+            reference = study_reference(settings, study, store, task, device)  # once per study; resume reuses it
             study_row = store.get_or_create_study(
                 settings.name, backbone=settings.backbone, budget=float(settings.budget), objectives=objectives,
                 data=task.data_description, weights=task.weights_description,
-                settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings)})
-            for note in notes:
-                print(f"[search] {note}", file=sys.stderr)
-            if device.type == "cpu":  # chosen once here; spawned workers split this count
-                threads, why = cpu_threads(settings, device)
-                settings = replace(settings, threads=threads)
-                torch.set_num_threads(threads)
-                print(f"[search] CPU: {threads} torch thread(s) ({why})", file=sys.stderr)
-            task.prepare(progress=settings.progress)
-            write_study_json(settings, space, task, device, objectives)
+                settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings),
+                          "reference": reference})
+            write_study_json(settings, space, task, device, objectives, reference)
             failed, requeued = recover(study)
             if failed:
                 print(f"[search] resumed: trial(s) {', '.join(map(str, failed))} were interrupted (worker gone); "
@@ -464,8 +562,19 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
                 mirror.sync(trials)
                 progress.update(trials)
                 progress.close()
+            confirmed = None
+            if not interrupted:  # the top front configs with more seeds (coordinator only: it writes results.db)
+                from .confirm import run_confirmation
+
+                if settings.confirm.top > 0 and threads_automatic(settings, device):
+                    torch.set_num_threads(trial_threads(settings, device)[0])  # the workers' cores are free now
+                try:
+                    confirmed = run_confirmation(settings, trials, store, study_row, task, space, deadline=deadline)
+                except KeyboardInterrupt:
+                    interrupted = True
             outcome = _summarise(settings, trials, space, out, t_start, interrupted)
-            outcome.notes = notes
+            outcome.notes = notes + (confirmed.notes if confirmed else [])
+            outcome.confirmed = confirmed.trials if confirmed else []
             return outcome
         finally:
             store.close()
@@ -545,6 +654,11 @@ def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: 
                 extra.setdefault(t.number, {})["speedup"] = m["value"]
     elapsed = time.time() - t_start
     d = settings.study_dir
+    from .recommend import summarise_search  # the report's headline, from the same records
+
+    headline, marks = summarise_search(trials, settings.accuracy_fidelity, d, settings.name, space.baseline_gmacs)
+    for number, mark in marks.items():
+        extra.setdefault(number, {}).update(mark)
     lines = [
         "",
         f"Pareto front of study {settings.name!r} ({settings.objectives}; feasible = at most "
@@ -564,6 +678,8 @@ def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: 
         f"  settings      : {d / 'study.json'}",
         f"  weights       : {d / 'weights'}/trial_<n>.safetensors (fine-tuned trials)",
         f"  report        : tpsexplore report {d}  (writes {d / 'report'}/)",
+        "",
+        *headline,
     ]
     print("\n".join(lines), file=out, flush=True)
     return SearchOutcome(study_dir=d, exit_code=130 if interrupted else 0, counts=counts, front=front,

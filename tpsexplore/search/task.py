@@ -1,6 +1,6 @@
 """The task a search scores configs on: data, starting weights, evaluation and the short fine-tune.
 
-Offline default: the digits proxy task (`tpsexplore.measure.data`) with a backbone pre-trained on it
+Offline default: the cluttered-digits proxy task (`tpsexplore.measure.data`) with a backbone pre-trained on it
 (`tpsexplore.measure.train.proxy_backbone`, trained once and cached). With ``--data PATH`` real images
 are used (an ImageFolder tree or a labels file) with hub weights or ``--checkpoint PATH``.
 
@@ -39,16 +39,20 @@ def _check_keys(section: str, values: dict[str, Any], cls: type, extra: tuple[st
 
 
 class _CountingData(TensorData):
-    """The proxy training set, calling ``hook(step)`` before each training batch (progress, Ctrl-C)."""
+    """The proxy training set, calling ``hook(step)`` before each training batch (progress, Ctrl-C).
+
+    Batches come from ``base`` itself, so a set that draws fresh images per batch (the cluttered proxy)
+    keeps doing so during a trial's fine-tune.
+    """
 
     def __init__(self, base: TensorData, hook: Callable[[int], None]) -> None:
         super().__init__(base.images, base.labels, base.shift, base.fill, base.indices)
-        self.hook, self.step = hook, 0
+        self.base, self.hook, self.step = base, hook, 0
 
     def batch(self, idx, generator=None, augment=False):
         self.step += 1
         self.hook(self.step)
-        return super().batch(idx, generator, augment)
+        return self.base.batch(idx, generator, augment)
 
 
 class _CountingDataset(torch.utils.data.Dataset):
@@ -119,14 +123,17 @@ class Task:
         self.geometry: ViTGeometry = self._meta_geometry()
         self._state: dict[str, torch.Tensor] | None = None
         self.train_set = self.val_set = None
-        self._eval_set: str | None = None
+        self._subsets: dict[int, Any] = {}
+        self._eval_sets: dict[int, str] = {}
         self.data_info: dict[str, Any] = {}
         self.weights_info: dict[str, Any] = {}
         if self.proxy:
+            from ..measure.data import PROXY_TITLES
             from ..measure.train import default_cache_dir, proxy_cache_path
 
             cache = proxy_cache_path(settings.backbone, settings.seed, default_cache_dir(), self.proxy_cfg)
-            self.data_description = (f"proxy: digits {self.proxy_cfg.img_size}x{self.proxy_cfg.img_size} patch "
+            self.data_description = (f"proxy: {PROXY_TITLES[self.proxy_cfg.proxy]} {self.proxy_cfg.img_size}x"
+                                     f"{self.proxy_cfg.img_size} patch "
                                      f"{self.proxy_cfg.patch_size} ({self.geometry.num_patches} patches), seed "
                                      f"{settings.seed}")
             self.weights_description = f"proxy-pretrained (cache {cache.name})"
@@ -177,24 +184,46 @@ class Task:
         model.load_state_dict(self._state)
         return model.to(self.device).eval()
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        out = evaluate(model, self.val_set, self.finetune_kwargs.get("eval_batch_size", 256), progress=False,
+    def evaluate(self, model: torch.nn.Module, limit: int | None = None) -> dict[str, Any]:
+        """Top-1/top-5 on the fixed validation set, or on its first ``limit`` images (the zero-shot gate's
+        cheaper look); ``["accuracy"]`` is an `Accuracy` with per-image bits and the set's fingerprint."""
+        val = self._val_subset(limit)
+        out = evaluate(model, val, self.finetune_kwargs.get("eval_batch_size", 256), progress=False,
                        device=self.device, num_workers=self.finetune_kwargs.get("num_workers", 0))
-        out["provenance"] = "proxy-digits" if self.proxy else "real-data"
-        out["accuracy"] = Accuracy.from_bits(out.pop("top1_bits"), self.eval_set)
+        out["provenance"] = f"proxy-{self.proxy_cfg.proxy}" if self.proxy else "real-data"
+        out["accuracy"] = Accuracy.from_bits(out.pop("top1_bits"), self._fingerprint(val))
         return out
 
     @property
     def eval_set(self) -> str:
         """Fingerprint of the fixed evaluation set: every trial of a study is scored on these images."""
-        if self._eval_set is None:
-            val = self.val_set
+        return self._fingerprint(self.val_set)
+
+    def _val_subset(self, limit: int | None) -> Any:
+        """The first ``limit`` validation images (all of them for None or a limit >= the set's size)."""
+        val = self.val_set
+        if limit is None or limit >= len(val):
+            return val
+        if limit not in self._subsets:
             if isinstance(val, TensorData):
-                self._eval_set = eval_set_fingerprint(val.labels.numpy(), val.indices.numpy())
+                self._subsets[limit] = TensorData(val.images[:limit], val.labels[:limit], 0.0, val.fill,
+                                                  val.indices[:limit])
             else:
-                ids = [zlib.crc32(path.encode()) for path, _ in val.samples]
-                self._eval_set = eval_set_fingerprint([t for _, t in val.samples], ids)
-        return self._eval_set
+                self._subsets[limit] = torch.utils.data.Subset(val, range(limit))
+        return self._subsets[limit]
+
+    def _fingerprint(self, val: Any) -> str:
+        key = id(val)
+        if key not in self._eval_sets:
+            if isinstance(val, TensorData):
+                fp = eval_set_fingerprint(val.labels.numpy(), val.indices.numpy())
+            else:
+                base, rows = (val.dataset, list(val.indices)) if isinstance(val, torch.utils.data.Subset) \
+                    else (val, range(len(val)))
+                samples = [base.samples[i] for i in rows]
+                fp = eval_set_fingerprint([t for _, t in samples], [zlib.crc32(p.encode()) for p, _ in samples])
+            self._eval_sets[key] = fp
+        return self._eval_sets[key]
 
     def finetune(self, model: torch.nn.Module, steps: int, seed: int,
                  on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
