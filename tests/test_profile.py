@@ -60,6 +60,6 @@ def test_profile_table_prints_every_field(profiled):
     text = format_profile(profiled)
     for needle in ("GMACs", "analytic", "traced", "ratio", "parameters", "img/s", "speed-up", "latency ms", "J/img",
                    "n/a (CPU)", "baseline", "zero-shot", "finetuned", "fine-tune", "3 steps", "measured on:",
-                   "proxy-pretrained on digits, not ImageNet", "torch", "(n=32)", "McNemar p=", "95% CI"):
+                   "proxy-pretrained on cluttered (scikit-learn digits), not ImageNet", "torch", "(n=32)", "McNemar p=", "95% CI"):
         assert needle in text, needle
     assert "17 -> 13 -> 10" in text

@@ -26,10 +26,14 @@ from tpsexplore.cli import main
 from tpsexplore.measure.environment import environment_info
 from tpsexplore.measure.flops import analytic_macs, geometry, geometry_from_model
 from tpsexplore.reduce import ReductionConfig, apply, last_info, token_schedule
-from tpsexplore.report import (best_within_budget, build_report, compute_keep_maps, hypervolume,
-                               hypervolume_history, load_trials, param_importances, pareto_front, pareto_mask,
-                               plot_budget_sweep, plot_method_fronts, plot_tradeoff, treatment_groups)
+from tpsexplore.report import (best_within_budget, build_report, compare_trials, compute_keep_maps, hypervolume,
+                               hypervolume_history, load_trials, open_study, param_importances, pareto_front,
+                               pareto_mask, plot_budget_sweep, plot_method_fronts, plot_tradeoff, treatment_groups)
+from tpsexplore.search.recommend import accuracy_cell
+from tpsexplore.stats import paired_difference, wilson_interval
 from tpsexplore.report.keepmaps import DROPPED, HOST, KEPT, SHARED
+from tpsexplore.search.confirm import ConfirmedAccuracy
+from tpsexplore.stats import Accuracy
 from tpsexplore.storage import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,22 @@ TRIALS = [
     (10, "evit", ReductionConfig("evit", (2,), (0.4,)), "pruned"),
 ]
 SQUEEZE_BONUS = {"etps": 0.04, "dtps": 0.05, "similarity+squeeze": 0.02}
+N_IMAGES = 400  # the synthetic evaluation set: every trial is scored on the same 400 images
+EVAL_SET = "unit-eval-400"
+_RANK = np.argsort(np.random.default_rng(0).permutation(N_IMAGES))  # image i's difficulty rank
+
+
+def correct_bits(correct: int) -> np.ndarray:
+    """Per-image correctness with the ``correct`` easiest images right: two trials' correct sets are nested,
+    so they differ on exactly |correct_a - correct_b| images (McNemar p = 2 * 0.5 ** that)."""
+    return _RANK < correct
+
+
+def accuracy_measurement(value: float, fidelity: str, kind: str = "accuracy_top1", eval_set: str = EVAL_SET,
+                         bits: bool = True) -> dict:
+    acc = Accuracy.from_bits(correct_bits(int(round(value * N_IMAGES))), eval_set)
+    return {"kind": kind, "value": acc.value, "unit": "fraction", "fidelity": fidelity,
+            "extra": acc.extra(with_bits=bits and kind == "accuracy_top1")}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -80,9 +100,17 @@ def _params(variant: str, cfg: ReductionConfig) -> tuple[dict, dict]:
 
 
 def make_study(root: Path, *, backbone: str = "deit_t", model: dict | None = None, data: dict,
-               trials=TRIALS, weights: bool = True, optuna_journal: bool = True, name: str = "unit") -> Path:
+               trials=TRIALS, weights: bool = True, optuna_journal: bool = True, name: str = "unit",
+               accuracies: dict | None = None, eval_sets: dict | None = None, confirmed: dict | None = None,
+               no_bits: tuple = (), reference: bool = True, loaded: tuple = (4,), drifted: dict | None = None) -> Path:
     """A study directory laid out as `tpsexplore search` writes it (results.db, optuna.journal, study.json,
-    weights/trial_<n>.safetensors)."""
+    weights/trial_<n>.safetensors). Accuracies carry n, correct, interval and per-image bits like a search's;
+    ``accuracies`` overrides the fine-tuned top-1 of some trials, ``eval_sets`` their evaluation set,
+    ``confirmed`` adds a confirmation ({number: [correct per seed]}), ``no_bits`` drops the bits of some.
+    Speeds: a reference baseline of 3000 img/s (2 ms at batch 1) in the settings unless ``reference`` is False;
+    the trials in ``loaded`` were timed under load, those in ``drifted`` beside a baseline of that many img/s."""
+    accuracies, eval_sets, confirmed = accuracies or {}, eval_sets or {}, confirmed or {}
+    drifted = {6: 2500.0} if drifted is None else drifted
     model = dict(model or {})
     study_dir = root / name
     (study_dir / "weights").mkdir(parents=True, exist_ok=True)
@@ -109,6 +137,10 @@ def make_study(root: Path, *, backbone: str = "deit_t", model: dict | None = Non
         "versions": {k: env.get(k) for k in ("python", "torch", "timm", "optuna", "tpsexplore")},
         "environment": env,
     }
+    if reference:
+        settings["reference"] = {"throughput": {"batch_size": 16, "dtype": "fp32", "device": "cpu", "value": 3000.0},
+                                 "latency_ms": {"batch_size": 1, "dtype": "fp32", "device": "cpu", "value": 2.0},
+                                 "measured": "2026-01-01T00:00:00+00:00"}
     (study_dir / "study.json").write_text(json.dumps(settings, indent=2))
     ostudy = None
     if optuna_journal:
@@ -125,23 +157,40 @@ def make_study(root: Path, *, backbone: str = "deit_t", model: dict | None = Non
                                     feasible=feasible, analytic_gmacs=gm, constraint_value=frac - BUDGET)
             meas = [{"kind": "gmacs", "value": gm, "unit": "GMACs", "fidelity": "analytic", "provenance": "analytic"},
                     {"kind": "params", "value": float(geo.num_params), "fidelity": "analytic"}]
-            acc = _accuracy(variant, frac)
+            acc = accuracies.get(number, _accuracy(variant, frac))
+            es = eval_sets.get(number, EVAL_SET)
             if state in ("complete", "pruned"):
-                tp = 3000.0 / (0.25 + 0.75 * frac)
+                base_tp = drifted.get(number, 3000.0)  # the baseline timed beside this trial
+                sp = 1.0 / (0.25 + 0.75 * frac)
+                lat_sp = 1.0 / (0.3 + 0.7 * frac)
+                contention = {"contention": {"loaded": number in loaded, "runnable_other": 2.0 if number in loaded
+                                             else 0.0, "steal_fraction": 0.0, "threads": 1,
+                                             "reasons": ["2 other runnable processes"] if number in loaded else []}}
                 meas += [
-                    {"kind": "throughput", "value": tp, "unit": "img/s", "batch_size": 16, "dtype": "fp32",
-                     "device": "cpu", "provenance": "measure_pair"},
-                    {"kind": "baseline_throughput", "value": 3000.0, "unit": "img/s", "batch_size": 16,
+                    {"kind": "throughput", "value": sp * base_tp, "unit": "img/s", "batch_size": 16, "dtype": "fp32",
+                     "device": "cpu", "provenance": "measure_pair",
+                     "extra": {"windows": 3, "images_per_s_min": 0.95 * sp * base_tp,
+                               "images_per_s_max": 1.04 * sp * base_tp, **contention}},
+                    {"kind": "baseline_throughput", "value": base_tp, "unit": "img/s", "batch_size": 16,
+                     "dtype": "fp32", "device": "cpu", "extra": contention},
+                    {"kind": "latency_ms", "value": 2.0 / lat_sp, "unit": "ms", "batch_size": 1,
+                     "dtype": "fp32", "device": "cpu", "extra": contention},
+                    {"kind": "baseline_latency_ms", "value": 2.0, "unit": "ms", "batch_size": 1,
                      "dtype": "fp32", "device": "cpu"},
-                    {"kind": "latency_ms", "value": 2.0 * (0.3 + 0.7 * frac), "unit": "ms", "batch_size": 1,
-                     "dtype": "fp32", "device": "cpu"},
-                    {"kind": "speedup", "value": tp / 3000.0, "unit": "x", "batch_size": 16, "dtype": "fp32",
+                    {"kind": "speedup", "value": sp, "unit": "x", "batch_size": 16, "dtype": "fp32",
+                     "device": "cpu", "extra": {"baseline_images_per_s": base_tp}},
+                    {"kind": "speedup", "value": lat_sp, "unit": "x", "batch_size": 1, "dtype": "fp32",
                      "device": "cpu"},
-                    {"kind": "accuracy_top1", "value": acc - 0.1, "unit": "fraction", "fidelity": "zero_shot"}]
+                    accuracy_measurement(acc - 0.1, "zero_shot", eval_set=es)]
             if state == "complete":
-                meas += [{"kind": "accuracy_top1", "value": acc, "unit": "fraction", "fidelity": "finetuned"},
-                         {"kind": "accuracy_top5", "value": min(1.0, acc + 0.2), "unit": "fraction",
-                          "fidelity": "finetuned"}]
+                meas += [accuracy_measurement(acc, "finetuned", eval_set=es, bits=number not in no_bits),
+                         accuracy_measurement(min(1.0, acc + 0.2), "finetuned", "accuracy_top5", eval_set=es)]
+            if number in confirmed:
+                counts = confirmed[number]
+                c = ConfirmedAccuracy(tuple(range(len(counts))), tuple(counts), N_IMAGES, es,
+                                      tuple(correct_bits(k) for k in counts))
+                meas.append({"kind": "accuracy_top1", "value": c.mean, "unit": "fraction", "fidelity": "confirmed",
+                             "extra": c.extra()})
             store.add_measurements(tid, meas, environment=env)
             reason = {"infeasible": f"infeasible: {frac:.3f} x baseline GFLOPs > budget {BUDGET}",
                       "failed": "error: RuntimeError: synthetic failure", "pruned": "gate: synthetic"}.get(state)
@@ -354,11 +403,19 @@ def test_keep_maps_match_the_schedule():
 
 
 @pytest.mark.slow
-def test_report_of_the_smoke_search(tmp_path):
+def test_report_of_the_smoke_search(tmp_path, capsys):
     """End to end through the real search (studies/smoke.toml; about 1.5 min on 2 busy cores, hence slow)."""
     assert main(["search", "--study", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     study = tmp_path / "smoke"
+    printed = capsys.readouterr().out
+    rec = open_study(study).recommendation
+    # the search ends with the same headline as the report, naming the same trial and its export command
+    tail = printed[printed.index("Recommended config"):]
+    assert f"trial {rec.chosen.number}:" in tail and "accuracy vs baseline" in tail and "speed-up" in tail
+    assert tail.rstrip().endswith(f"tpsexplore export {study} --trial {rec.chosen.number} -o config.json")
     assert main(["report", str(study), "--quiet"]) == 0
+    html = (study / "report" / "report.html").read_text()
+    assert f"tpsexplore export {study} --trial {rec.chosen.number} -o config.json" in html
     figures = {p.stem for p in (study / "report" / "figures").glob("*.png")}
     assert {"accuracy_vs_gmacs", "method_fronts", "hypervolume", "keep_maps"} <= figures
     out = tmp_path / "c.json"
@@ -486,8 +543,175 @@ def test_notebook_runs_on_a_study(proxy_study: Path, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # the fronts, the per-method fronts and the budget sweep are drawn
     cfg = json.loads(exported.read_text())
-    df = load_trials(proxy_study)
-    best = df[df["within_budget"]].sort_values("accuracy", ascending=False).iloc[0]
-    assert cfg["trial"] == int(best["number"])
+    assert cfg["trial"] == open_study(proxy_study).recommendation.chosen.number  # the notebook exports the headline
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "TPS minus pruning" in text and "tokens per block" in text
+    # gaps come with a paired test and an interval, not as bare differences
+    assert text.count("McNemar p") >= 3 and "pts [" in text
+    assert "export" in text and "recommended" in text
+
+
+# ----------------------------------------------------------------------------- uncertainty, paired tests, headline
+# three reduced configs within the 0.7 budget: GMACs #1 0.687 > #2 0.638 > #3 0.489 x baseline
+CRAFTED = [(0, "baseline", ReductionConfig(), "complete"),
+           (1, "etps", ReductionConfig("etps", (1, 2), (0.6,)), "complete"),
+           (2, "tome", ReductionConfig("tome", r=3), "complete"),
+           (3, "random", ReductionConfig("random", (0,), (0.4,)), "complete")]
+
+
+def crafted(tmp_path, name: str, accuracies: dict, **kw) -> Path:
+    return make_study(tmp_path, model=TINY, data=PROXY_DATA, trials=CRAFTED, weights=False, optuna_journal=False,
+                      name=name, accuracies=accuracies, loaded=(), drifted={}, **kw)
+
+
+def test_headline_prefers_the_cheaper_of_indistinguishable_configs(tmp_path):
+    # 376 / 372 / 370 / 360 of 400 right: #2 is 2 images below #1 (McNemar p = 0.5), #3 is 12 below (p < 0.001)
+    study = crafted(tmp_path, "tie", {0: 0.94, 1: 0.93, 2: 0.925, 3: 0.90})
+    rep = build_report(study, tmp_path / "out", keep_maps=False, progress=False)
+    rec = rep.recommendation
+    assert (rec.best.number, rec.chosen.number) == (1, 2) and rec.indistinguishable == [2, 1]
+    assert rec.test_of(2).p_value == pytest.approx(0.5) and rec.test_of(3).p_value < 0.001
+    # the drop against the baseline is the paired difference of the stored per-image bits
+    expect = paired_difference(correct_bits(370), correct_bits(376))
+    assert rec.drop.interval == pytest.approx(expect.interval) and rec.drop.test.p_value == pytest.approx(2 * 0.5 ** 6)
+    head = dict(rep.headline)
+    assert head["recommended"].startswith("trial 2: tome r3")
+    assert "not distinguishable from the most accurate, trial 1" in head["chosen because"]
+    assert "McNemar p=0.031" in head["accuracy vs baseline"] and head["baseline"].startswith("trial 0")
+    assert head["speed-up"].startswith("1.37x at batch 16 (range 1.30-1.43")
+    export = f"tpsexplore export {study} --trial 2 -o config.json"
+    html, md = (tmp_path / "out" / "report.html").read_text(), (tmp_path / "out" / "report.md").read_text()
+    assert export in html and export in md
+    assert html.index('id="headline"') < html.index('id="provenance"') and md.index("Recommended config") < \
+        md.index("## Provenance")
+    # the command it prints works, and --pick recommended agrees
+    for argv in (["--trial", "2"], ["--pick", "recommended"]):
+        assert main(["export", str(study), *argv, "-o", str(tmp_path / "c.json")]) == 0
+        assert json.loads((tmp_path / "c.json").read_text())["trial"] == 2
+    df = open_study(study).trials.set_index("number")
+    assert list(df.loc[[1, 2, 3], "tied_with_best"]) == [True, True, False]
+    assert list(df.loc[[0, 1, 2, 3], "recommended"]) == [False, False, True, False]
+    # the tables say it too, with the interval and n
+    shown = rep.pareto_display.set_index("trial")
+    assert shown.loc[2, "vs most accurate (exact McNemar)"] == "not distinguishable (p=0.5)"
+    assert shown.loc[3, "vs most accurate (exact McNemar)"].startswith("less accurate (p=")
+    assert shown.loc[2, "recommended"] == "yes" and shown.loc[1, "top-1 % (fine-tuned) [95% CI]"] == "93 [90, 95]"
+    # and the trade-off plot: error bars, trial numbers on the front, rings for the ties, the recommended square
+    fig = next(f.figure for f in rep.figures if f.name == "accuracy_vs_gmacs")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "\u2248 most accurate (McNemar p \u2265 0.05)" in labels and "recommended (#2)" in labels
+    assert "95% interval (Wilson)" in labels
+    assert {"#1", "#2", "#3", "#0"} <= {t.get_text() for t in ax.texts}
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert sum(len(c.lines[2][0].get_segments()) for c in bars) == 4  # one interval per trial with counts
+    rings = [c for c in ax.collections if c.get_label().startswith("\u2248 most accurate")]
+    assert len(rings) == 1 and len(rings[0].get_offsets()) == 2
+
+
+def test_headline_keeps_the_more_accurate_when_the_gap_is_real(tmp_path):
+    study = crafted(tmp_path, "gap", {0: 0.94, 1: 0.93, 2: 0.90, 3: 0.85}, reference=False)
+    rep = build_report(study, tmp_path / "out", keep_maps=False, progress=False)
+    assert rep.recommendation.chosen.number == 1 and rep.recommendation.indistinguishable == [1]
+    assert dict(rep.headline)["recommended"].startswith("trial 1: etps")
+    assert "significantly worse" in dict(rep.headline)["chosen because"]
+    assert f"--trial 1 -o config.json" in (tmp_path / "out" / "report.html").read_text()
+    # without a reference baseline the speed axis is the paired speed-up itself, never raw img/s
+    names = {f.name for f in rep.figures}
+    assert "accuracy_vs_speedup_bs16_fp32_cpu" in names and "accuracy_vs_throughput_bs16_fp32_cpu" not in names
+
+
+def test_headline_rests_on_confirmed_accuracies(tmp_path):
+    # #3 has the best single fine-tune (95%) but was not confirmed; of the confirmed, #1 (mean 372/400) and #2
+    # (370.3) differ on 5 seed-images in all (p = 0.0625): the cheaper #2 is recommended
+    study = crafted(tmp_path, "confirmed", {0: 0.94, 1: 0.93, 2: 0.925, 3: 0.95},
+                    confirmed={0: [376, 375, 377], 1: [372, 371, 373], 2: [370, 370, 371]})
+    data = open_study(study)
+    rec = data.recommendation
+    assert rec.basis == "confirmed" and (rec.best.number, rec.chosen.number) == (1, 2)
+    assert rec.test_of(2).p_value == pytest.approx(2 * 0.5 ** 5)
+    assert rec.drop_basis == "confirmed" and rec.drop.test.discordant == 6 + 5 + 6
+    head = dict(rec.headline(study))
+    assert "mean over fine-tune seeds" in head["top-1"] and "3 seeds" in head["top-1"]
+    by = data.trials.set_index("number")
+    assert by.loc[1, "confirmed_seeds"] == 3 and by.loc[1, "accuracy_top1@confirmed"] == pytest.approx(372 / 400)
+    assert by.loc[3, "is_best"]  # the plotted fidelity's best is still marked as such
+    # confirmed paired comparisons through the API, seed by seed
+    assert data.compare(1, 2, "confirmed").test.only_a == 5
+
+
+def test_paired_comparison_api_and_its_refusals(tmp_path):
+    study = crafted(tmp_path, "api", {0: 0.94, 1: 0.93, 2: 0.925, 3: 0.90}, eval_sets={3: "other-400"},
+                    no_bits=(2,))
+    data = open_study(study)
+    d = compare_trials(study, 1, 0)
+    assert d.difference == pytest.approx((372 - 376) / 400)
+    assert d.interval == pytest.approx(paired_difference(correct_bits(372), correct_bits(376)).interval)
+    assert (d.test.only_a, d.test.only_b) == (0, 4) and d.test.p_value == pytest.approx(2 * 0.5 ** 4)
+    assert compare_trials(data, 0, 1).difference == pytest.approx(-d.difference)
+    assert data.compare(1, 0, "zero_shot").difference == pytest.approx((332 - 336) / 400)
+    for (a, b, fid), message in [((1, 3, None), r"^eval_set: unit-eval-400 and other-400 differ"),
+                                 ((1, 2, None), r"^accuracy: trial 2 has no per-image correctness"),
+                                 ((1, 7, None), r"^trial: 7 does not exist"),
+                                 ((1, 0, "confirmed"), r"^accuracy: trial 1 has no confirmed per-image"),
+                                 ((1, 0, "traced"), r"^fidelity: trial 1 has no accuracy_top1 measurement")]:
+        with pytest.raises(ValueError, match=message) as err:
+            data.compare(a, b, fid)
+        assert "\n" not in str(err.value)
+    # a trial without bits cannot be shown equal to the best: the recommendation says so and keeps the best
+    rec = data.recommendation
+    assert rec.chosen.number == 1 and any("trial 2" in n for n in rec.notes)
+
+
+def test_report_tables_show_intervals_n_and_flags(proxy_report: Path, proxy_study: Path):
+    data = open_study(proxy_study)
+    df = data.trials
+    for _, r in df[df["state"] == "complete"].iterrows():
+        lo, hi = wilson_interval(int(round(r["accuracy"] * N_IMAGES)), N_IMAGES)
+        assert r["accuracy_n"] == N_IMAGES and (r["accuracy_lo"], r["accuracy_hi"]) == pytest.approx((lo, hi))
+    html = (proxy_report / "report.html").read_text()
+    md = (proxy_report / "report.md").read_text()
+    table = pd.read_csv(proxy_report / "pareto.csv")
+    for col in ("accuracy_n", "accuracy_lo", "accuracy_hi", "best_p", "tied_with_best", "speedup_lo"):
+        assert col in table.columns, col
+    recs = {r.number: r for r in data.records}
+    for n in table["trial"]:
+        cell = accuracy_cell(recs[int(n)].accuracy)
+        assert f">{cell}</td>" in html and f"| {cell} |" in md
+    for text in ("top-1 % (fine-tuned) [95% CI]", "<th>n</th>", "vs most accurate (exact McNemar)", "GMACs",
+                 "speed-up x [range]", "img/s at the reference baseline", "top-1 % (zero-shot) [95% CI]"):
+        assert text in html, text
+    # the speed flags of the trials timed under load (4) or beside a drifted baseline (6)
+    flags = html[html.index('id="speed-flags"'):]
+    assert "measured under load" in flags and "2 other runnable processes" in flags
+    assert "17% below the reference" in flags
+    assert list(df.loc[df["speed_flagged"], "number"]) == [4, 6]
+
+
+@pytest.mark.parametrize("n, pattern", [(400, r"^\d+ \[\d+, \d+\]$"), (4000, r"^\d+\.\d \[\d+\.\d, \d+\.\d\]$"),
+                                        (400000, r"^\d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]$")])
+def test_digits_follow_the_interval(n, pattern):
+    import re
+
+    from tpsexplore.search.progress import FrontRow, front_table
+
+    acc = Accuracy(int(0.913 * n), n)
+    assert re.match(pattern, accuracy_cell(acc)), accuracy_cell(acc)
+    table = front_table([FrontRow(3, "tome", "tome r3", acc.value, acc.value - 0.1, 0.5, 0.5, None)], "gflops",
+                        1.0, {3: {"accuracy": acc, "vs_best": "most accurate"}})
+    row = table.splitlines()[2]
+    assert accuracy_cell(acc) in row
+    decimals = {400: 0, 4000: 1, 400000: 2}[n]
+    zero_shot = f"{100 * (acc.value - 0.1):.{decimals}f}"
+    assert f"  {zero_shot}  " in row
+
+
+def test_report_digits_on_the_proxy_study(proxy_report: Path):
+    """n = 400: the interval is +-3 points wide, so the tables print whole percents."""
+    import re
+
+    md = (proxy_report / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| top-1 % (fine-tuned) [95% CI] |")]
+    assert rows
+    cells = [c.strip() for c in rows[0].strip("|").split("|")[1:]]
+    assert cells and all(re.match(r"^\d+ \[\d+, \d+\]$", c) for c in cells), cells

@@ -8,6 +8,13 @@ Output folder (default ``STUDY/report``)::
     pareto.csv          the Pareto-optimal configs with every measurement
     figures/NAME.png    each figure, and NAME.svg
 
+The page opens with the headline (`tpsexplore.search.recommend`: the recommended config, the baseline, the
+accuracy drop with its paired interval, the speed-up with its spread, the export command), the same text the
+search prints at its end. Accuracies carry their 95% interval everywhere (error bars, "value [lo, hi]" cells
+with n, digits as the interval supports); front points not distinguishable from the most accurate (exact
+McNemar p >= 0.05) are ringed; speeds are the paired speed-up times the study's reference baseline
+(`tpsexplore.search.drift`), and trials timed under load or beside a drifted baseline are flagged.
+
 Figures the data does not allow are listed under "Skipped" with the reason.
 """
 from __future__ import annotations
@@ -26,6 +33,7 @@ from tqdm import tqdm
 from .frame import StudyData, data_kind, measurement_columns, open_study, runtime_columns
 from .pareto import pareto_front, parse_objectives
 from .published import published_backbone, published_points
+from .tables import fidelity_name, headline_rows, speed_flags_table, summary_table
 
 
 @dataclass
@@ -50,6 +58,11 @@ class Report:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pareto: pd.DataFrame | None = None
+    pareto_display: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None
+    speed_flags: pd.DataFrame | None = None
+    headline: list[tuple[str, str]] = field(default_factory=list)
+    recommendation: Any = None
     published: pd.DataFrame | None = None
     environments: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: list[tuple[str, str]] = field(default_factory=list)
@@ -160,19 +173,27 @@ def study_objectives(data: StudyData) -> list[tuple[str, str]]:
 
 
 def pareto_table(data: StudyData, meas: pd.DataFrame, envs: dict[int, dict[str, Any]],
-                 objectives: list[tuple[str, str]]) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """The Pareto-optimal trials within budget, with every measurement and an environment key per trial."""
+                 objectives: list[tuple[str, str]], flags: dict[int, str] | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, Any]]]:
+    """The Pareto-optimal trials within budget, most accurate first: (raw table with every measurement, its
+    intervals and an environment key per trial, for pareto.csv; the displayed table, `tables.display_table`;
+    the environments by key)."""
     from .export import trial_config
+    from .tables import display_table
 
     df = data.trials
     pool = df[df["within_budget"]]
     front = pareto_front(pool, objectives) if len(pool) else pool
-    front = front.sort_values("accuracy", ascending=False)
+    front = front.sort_values(["accuracy", "gmacs"], ascending=[False, True])
     keys = {e: f"E{i + 1}" for i, e in enumerate(sorted(envs))}
     env_of = meas.dropna(subset=["environment_id"]).groupby("trial_id")["environment_id"] \
-        .agg(lambda s: sorted({int(v) for v in s}))
+        .agg(lambda s: sorted({int(v) for v in s})).to_dict()
     cols = [c for c in measurement_columns(front)]
+    derived = [c for c in ("accuracy_n", "accuracy_lo", "accuracy_hi", "best_p", "tied_with_best", "recommended",
+                           "confirmed_seeds", "confirmed_std", "confirmed_min", "confirmed_max", "speedup",
+                           "speedup_lo", "speedup_hi") if c in front.columns and c not in cols]
     rows = []
+    options = []
     for _, r in front.iterrows():
         row = {"trial": int(r["number"]), "method": r["variant"], "config": r["label"]}
         try:
@@ -186,14 +207,17 @@ def pareto_table(data: StudyData, meas: pd.DataFrame, envs: dict[int, dict[str, 
             opts.append(f"placement={rc.similarity_placement}, with_pos={rc.similarity_with_pos}, "
                         f"diversity={rc.diversity:g}")
         row["options"] = "; ".join(opts)
-        for c in cols:
+        options.append(row["options"])
+        for c in cols + derived:
             row[c] = r.get(c)
         ids = env_of.get(int(r["trial_id"]), [])
         row["environment"] = " ".join(keys[i] for i in ids if i in keys)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["trial", "method", "config", "options", *cols, "environment"])
+    table = pd.DataFrame(rows, columns=["trial", "method", "config", "options", *cols, *derived, "environment"])
+    shown = display_table(data, front.assign(options=options), meas, env_keys=keys, env_of=env_of, flags=flags) \
+        if len(front) else pd.DataFrame()
     env_table = {keys[e]: envs[e] for e in sorted(envs)}
-    return table, env_table
+    return table, shown, env_table
 
 
 # ----------------------------------------------------------------------------- the build
@@ -230,7 +254,12 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     scale = 100.0 if df["accuracy"].max() <= 1.0 + 1e-9 else 1.0
     plot_df = df.copy()
     plot_df["top1"] = plot_df["accuracy"] * scale
-    y_label = f"top-1 accuracy (%), {data.trials.attrs.get('accuracy_column') or 'accuracy'}"
+    plot_df["top1_lo"] = plot_df["accuracy_lo"] * 100.0
+    plot_df["top1_hi"] = plot_df["accuracy_hi"] * 100.0
+    y_label = f"top-1 (%), {fidelity_name(data.fidelity)}, with 95% interval"
+    rep.recommendation = data.recommendation
+    rep.headline = headline_rows(rep.recommendation, data)
+    rep.summary = summary_table(data)
     gm_col = data.trials.attrs.get("gmacs_column") or "gmacs"
     x_label = f"GMACs ({gm_col.split('@')[-1] if '@' in gm_col else gm_col}; batch 1)"
     base = data.baseline_row
@@ -255,44 +284,74 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
                             title="Accuracy vs GMACs (every trial; front of the trials within budget)",
                             x_label=x_label, y_label=y_label)
         add(FigureEntry("accuracy_vs_gmacs", "Accuracy vs GMACs",
-                        "Every complete trial coloured by method; hollow markers are over the budget. The red "
-                        "staircase is the Pareto front of the trials within budget (circled), the black star the "
-                        "unreduced baseline, the dashed line the GMACs budget (shaded: over budget).", fig))
+                        "Every complete trial coloured by method, with its 95% interval (Wilson) as an error "
+                        "bar; hollow markers are over the budget. The red staircase is the Pareto front of the "
+                        "trials within budget (circled, labelled #trial), the black star the unreduced baseline, "
+                        "the dashed line the GMACs budget (shaded: over budget). Gold rings: front points that an "
+                        "exact McNemar test cannot tell apart from the most accurate within-budget trial "
+                        "(p >= 0.05); green square: the recommended config (headline).", fig))
 
     steps.append(("accuracy vs GMACs", f_gmacs))
 
-    # -- accuracy vs throughput (each batch size) and vs latency
-    tps = runtime_columns(df, "throughput")
-    lats = runtime_columns(df, "latency_ms")
+    # -- accuracy vs speed: paired speed-up x the study's reference baseline (drift-proof), raw figures in the CSV
+    ref = data.reference
+    sps = runtime_columns(df, "speedup")
 
     def f_runtime() -> None:
-        if not tps and not lats:
-            skip("accuracy vs throughput", "the study recorded no throughput or latency measurements")
+        if not sps or not plot_df["speedup"].notna().any():
+            skip("accuracy vs throughput", "the study recorded no paired speed-up (throughput) measurements")
             return
-        for rc in tps + lats:
-            is_tp = rc.kind == "throughput"
-            sub = plot_df[plot_df["usable"] & plot_df[rc.column].notna() & ~plot_df["is_baseline"]]
-            label = f"{'throughput' if is_tp else 'latency'} ({rc.title})"
+        big = [c for c in sps if c.batch_size > 1] or sps
+        rc = next((c for c in big if ref is not None and c.batch_size == ref.throughput.batch_size), big[-1])
+        one = next((c for c in sps if c.batch_size == 1), None)
+        flagged = int(plot_df.loc[plot_df["usable"], "speed_flagged"].sum())
+        flag_text = (f" Black crosses: {flagged} trial(s) whose timing is flagged (measured under load, or the "
+                     "baseline beside it drifted more than 10% from the reference; see the table 'Speed flags')."
+                     if flagged else " No trial's timing is flagged (load or baseline drift > 10%).")
+        specs = []
+        if ref is not None:
+            r = ref.throughput
+            specs.append(("paired_throughput", "max", f"throughput at the reference (batch {r.batch_size}, {r.dtype}, "
+                          f"{r.device})", f"img/s at the reference (paired speed-up x {r.value:.4g} img/s)",
+                          _slug(f"accuracy_vs_throughput_bs{r.batch_size}_{r.dtype}_{r.device}"),
+                          r.value / budget_frac if budget_frac else None))
+            if ref.latency_ms is not None and plot_df["paired_latency_ms"].notna().any():
+                lt = ref.latency_ms
+                specs.append(("paired_latency_ms", "min", f"latency at the reference (batch 1, {lt.dtype}, {lt.device})",
+                              f"ms at the reference ({lt.value:.4g} ms / paired batch-1 speed-up)",
+                              _slug(f"accuracy_vs_latency_bs1_{lt.dtype}_{lt.device}"),
+                              lt.value * budget_frac if budget_frac else None))
+            basis = (f"Speeds are the paired speed-up (each trial timed beside the unreduced baseline) times the "
+                     f"study's reference baseline measured once at its start ({ref.measured}), so machine load "
+                     "during the study does not move the points; the raw img/s and ms are in trials.csv.")
+        else:
+            specs.append(("speedup", "max", f"paired speed-up ({rc.title})", f"paired speed-up (x), {rc.title}",
+                          _slug(f"accuracy_vs_speedup_bs{rc.batch_size}_{rc.dtype}_{rc.device}"),
+                          1.0 / budget_frac if budget_frac else None))
+            if one is not None and plot_df["speedup_bs1"].notna().any():
+                specs.append(("speedup_bs1", "max", f"paired batch-1 speed-up ({one.title})",
+                              f"paired speed-up (x), {one.title}",
+                              _slug(f"accuracy_vs_speedup_bs1_{one.dtype}_{one.device}"),
+                              1.0 / budget_frac if budget_frac else None))
+            basis = ("The study recorded no reference baseline, so speed is shown as the paired speed-up (each trial "
+                     "timed beside the unreduced baseline), which machine load does not move; the raw img/s and ms "
+                     "are in trials.csv.")
+        for col, direction, label, axis, stem, line in specs:
+            sub = plot_df[plot_df["usable"] & plot_df[col].notna() & ~plot_df["is_baseline"]]
             if sub.empty:
                 skip(f"accuracy vs {label}", "no complete reduced trial has this measurement")
                 continue
-            line, line_label = None, None
-            b = base.get(rc.column) if base is not None else None
-            if b is not None and pd.notna(b) and budget_frac:
-                line = float(b) / budget_frac if is_tp else float(b) * budget_frac
-                line_label = (f"budget {budget_frac:g} x GMACs at ideal speed-up "
-                              f"({'baseline img/s / ' if is_tp else 'baseline ms x '}{budget_frac:g})")
-            fig = plot_tradeoff(plot_df, rc.column, "top1", x_direction="max" if is_tp else "min", budget=line,
-                                budget_label=line_label, shade=False,
-                                title=f"Accuracy vs {label}",
-                                x_label=f"{'throughput (img/s)' if is_tp else 'latency (ms)'}, {rc.title}",
-                                y_label=y_label)
-            stem = _slug(f"accuracy_vs_{'throughput' if is_tp else 'latency'}_bs{rc.batch_size}_{rc.dtype}_{rc.device}")
+            fig = plot_tradeoff(plot_df, col, "top1", x_direction=direction, budget=line,
+                                budget_label=f"GMACs budget at ideal speed-up ({budget_frac:g} x baseline cost)"
+                                if line else None, shade=False, title=f"Accuracy vs {label}", x_label=axis,
+                                y_label=y_label, flag="speed_flagged")
             add(FigureEntry(stem, f"Accuracy vs {label}",
-                            f"Measured {rc.kind} ({rc.title}); the front is taken over the trials within the GMACs "
-                            "budget (filled markers). The dashed line is where a config at exactly the GMACs "
-                            "budget would be if time scaled with GMACs (ideal speed-up); it is a reference, "
-                            "not the budget itself.", fig))
+                            f"{basis} Horizontal bars: the speed-up's range over the timing windows; vertical bars: "
+                            "95% accuracy intervals. The front is taken over the trials within the GMACs budget "
+                            "(filled markers), labelled #trial, with the gold rings and green square of the first "
+                            "figure. The dashed line is where a config at exactly the GMACs budget would be if "
+                            "time scaled with GMACs (ideal speed-up); a reference, not the budget." + flag_text,
+                            fig))
 
     steps.append(("accuracy vs throughput", f_runtime))
 
@@ -303,8 +362,9 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
             return
         fig = plot_method_fronts(plot_df, "gmacs", "top1", budget=budget_g, x_label=x_label, y_label=y_label)
         add(FigureEntry("method_fronts", "Pareto front per method (TPS Figure 5 view)",
-                        "Each method's own front over its trials within budget (legend: front points / trials); "
-                        "faint dots are that method's other trials.", fig))
+                        "Each method's own front over its trials within budget (legend: front points / trials), "
+                        "front points labelled #trial with their 95% interval; faint dots are that method's other "
+                        "trials. Gold rings and the green square as in the first figure.", fig))
 
     steps.append(("method fronts", f_fronts))
 
@@ -418,7 +478,9 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
         entry.figure.savefig(entry.svg)
 
     # -- tables
-    rep.pareto, rep.environments = pareto_table(data, meas, envs, objectives)
+    flags = {int(n): str(w) for n, w, f in zip(df["number"], df["speed_flag"], df["speed_flagged"]) if f}
+    rep.pareto, rep.pareto_display, rep.environments = pareto_table(data, meas, envs, objectives, flags)
+    rep.speed_flags = speed_flags_table(data)
     if rep.pareto.empty:
         rep.notes.append("no Pareto-optimal config: no complete reduced trial is within the budget")
     rep.csv = out / "trials.csv"

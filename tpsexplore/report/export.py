@@ -9,9 +9,10 @@
      "study": {"name", "path", "results_db", "budget", "objectives", "data", "weights", "fidelity"},
      "trial": N, "label": "...", "weights": "path or null"}
 
-A trial is chosen by number (``trial=N``) or by a rule (``pick="max-accuracy"``) with optional limits
+A trial is chosen by number (``trial=N``) or by a rule: ``pick="max-accuracy"`` with optional limits
 ``max_gmacs``, ``min_throughput`` (img/s at ``batch_size``, default the study's largest) and
-``max_latency_ms`` (batch 1).
+``max_latency_ms`` (batch 1), or ``pick="recommended"`` (the report's headline: the cheapest trial an exact
+McNemar test cannot tell apart from the most accurate within the budget).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .frame import StudyData, open_study, runtime_columns
 from .model import backbone_geometry, build_model, with_weight_geometry
 
 FORMAT = "tpsexplore-deployment/1"
-PICK_RULES = ("max-accuracy",)
+PICK_RULES = ("max-accuracy", "recommended")
 HARDWARE_KEYS = ("device", "gpu_name", "gpu_uuid", "gpu_driver", "gpu_cuda_driver", "gpu_capability",
                  "gpu_memory_bytes", "gpu_sm_count", "gpu_power_limit_w", "gpu_max_sm_clock_mhz", "cpu_model",
                  "cpu_arch", "logical_cores", "usable_cores", "torch_threads", "torch_interop_threads", "os",
@@ -84,6 +85,14 @@ def select_trial(df: pd.DataFrame, trial: int | None = None, pick: str | None = 
     cand = df[df["usable"] & ~df["is_baseline"]]
     if cand.empty:
         raise ValueError(f"study: {study!r} has no complete trial with an accuracy to pick from")
+    if pick == "recommended":
+        if any(v is not None for v in (max_gmacs, min_throughput, max_latency_ms)):
+            raise ValueError("pick: 'recommended' is the report's headline within the study's budget; it takes no "
+                             "--max-gflops/--min-throughput/--max-latency (use --pick max-accuracy with limits)")
+        rec = cand[cand["recommended"]] if "recommended" in cand.columns else cand.iloc[0:0]
+        if rec.empty:
+            raise ValueError(f"pick: study {study!r} has no recommended trial (no complete trial within the budget)")
+        return rec.iloc[0]
     limits = []
     if max_gmacs is not None:
         cand = cand[cand["gmacs"] <= max_gmacs + 1e-12]

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--trial", type=int, metavar="N", help="export trial number N")
     which.add_argument("--pick", choices=PICK_RULES, help="pick a trial by rule (default max-accuracy within the "
-                       "study's budget, or within the limits below)")
+                       "study's budget, or within the limits below; 'recommended': the report's headline)")
     parser.add_argument("--max-gflops", "--max-gmacs", dest="max_gmacs", type=float, metavar="G",
                         help="limit: at most G GMACs (analytic, batch 1; the papers' 'GFLOPs')")
     parser.add_argument("--min-throughput", dest="min_throughput", type=float, metavar="X",

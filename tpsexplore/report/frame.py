@@ -14,6 +14,23 @@ URL) works too; then the settings come from the store's study row alone and noth
 - ``usable``: complete trials with a value in ``accuracy`` and ``gmacs``;
 - ``within_budget``: usable trials that meet the budget (the store's ``feasible`` flag when set, else
   ``constraint_value <= 0``, else True).
+
+`open_study` adds, from the accuracy measurements' counts and per-image correctness (docs/HELPERS.md, issue 9):
+
+- ``accuracy_n``, ``accuracy_lo``, ``accuracy_hi``: the size and 95% Wilson interval (fractions) of ``accuracy``;
+- ``confirmed_seeds``, ``confirmed_std``, ``confirmed_min``, ``confirmed_max``: the confirmation stage's seeds
+  (its mean is ``accuracy_top1@confirmed``);
+- ``speedup``, ``speedup_lo``, ``speedup_hi``: the paired speed-up at the largest measured batch and its range;
+- ``best_p``: exact McNemar p-value against the most accurate within-budget trial (``is_best``);
+  ``tied_with_best``: within budget and not distinguishable from it (p >= 0.05; the best itself too);
+- ``recommended``: the trial `tpsexplore.search.recommend.recommend` picks (the report's headline);
+- ``paired_throughput`` (img/s at the study's reference baseline = speed-up x reference, with
+  ``paired_throughput_lo``/``_hi``), ``paired_latency_ms`` (reference ms / batch-1 speed-up), ``speed_basis``
+  ("paired", or "raw" for a study without a reference), ``baseline_drift``, ``speed_flagged`` and ``speed_flag``
+  (why: measured under load, or the baseline beside it drifted > 10% from the reference); see
+  `tpsexplore.search.drift`. The raw img/s and ms stay in their ``throughput@...`` / ``latency_ms@...`` columns.
+
+Paired comparisons: `StudyData.compare(a, b)` / `compare_trials(study, a, b)`.
 """
 from __future__ import annotations
 
@@ -21,13 +38,17 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..search.drift import Reference, drift_flags, paired_speed, reference_from_settings
+from ..search.recommend import (CONFIRMED, Recommendation, TrialRecord, build_record, compare, recommend,
+                                tests_against_best)
+from ..stats import PairedDifference
 from ..storage import ResultsStore, Study
 
 DB_NAME = "results.db"
@@ -55,6 +76,58 @@ class StudyData:
     study: Study
     settings: dict[str, Any]
     trials: pd.DataFrame
+    records: list[TrialRecord] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ accuracy and the recommendation
+    @property
+    def fidelity(self) -> str:
+        """The fidelity of the ``accuracy`` column (``finetuned`` / ``zero_shot``)."""
+        col = self.trials.attrs.get("accuracy_column") or ""
+        return col.split("@", 1)[1] if "@" in col else (_accuracy_fidelity(self.settings) or "finetuned")
+
+    def record(self, number: int) -> TrialRecord:
+        """The `TrialRecord` of complete trial ``number`` (ValueError naming the trial otherwise)."""
+        for r in self.records:
+            if r.number == int(number):
+                return r
+        known = set(int(n) for n in self.trials["number"]) if len(self.trials) else set()
+        if int(number) in known:
+            state = self.trials.loc[self.trials["number"] == int(number), "state"].iloc[0]
+            raise ValueError(f"trial: {number} is {state}; only complete trials have accuracies to compare")
+        raise ValueError(f"trial: {number} does not exist in study {self.name!r}")
+
+    def compare(self, a: int, b: int, fidelity: str | None = None) -> PairedDifference:
+        """acc(trial a) - acc(trial b) on the same images: Newcombe's 95% interval and the exact McNemar test.
+
+        ``fidelity``: the study's (default), or ``confirmed`` (mean over seeds, paired seed by seed). One-line
+        ValueError when a trial is not complete, has no per-image correctness, or the evaluation sets differ.
+        """
+        fid = fidelity or self.fidelity
+        ra, rb = self.record(a), self.record(b)
+        if fid not in (CONFIRMED, self.fidelity):
+            ra, rb = (self._record_at(r, fid) for r in (ra, rb))
+        return compare(ra, rb, CONFIRMED if fid == CONFIRMED else None)
+
+    def _record_at(self, r: TrialRecord, fidelity: str) -> TrialRecord:
+        """The record of ``r`` with its accuracy read at another fidelity (e.g. zero_shot)."""
+        trial_id = int(self.trials.loc[self.trials["number"] == r.number, "trial_id"].iloc[0])
+        _, meas = self.measurements(trial_id)
+        ms = meas.to_dict("records")
+        if not any(m["kind"] == "accuracy_top1" and m["fidelity"] == fidelity for m in ms):
+            raise ValueError(f"fidelity: trial {r.number} has no accuracy_top1 measurement at {fidelity!r}")
+        return build_record(r.number, ms, fidelity=fidelity, label=r.label, variant=r.variant, cost=r.cost,
+                            within_budget=r.within_budget, is_baseline=r.is_baseline)
+
+    @property
+    def recommendation(self) -> Recommendation | None:
+        """The recommended config (`tpsexplore.search.recommend.recommend`); None when nothing is within budget."""
+        return recommend(self.records, self.fidelity)
+
+    @property
+    def reference(self) -> Reference | None:
+        """The study's reference baseline speed (study.json, else the store's study settings), if recorded."""
+        return reference_from_settings(self.settings if self.settings.get("reference") is not None
+                                       else (self.study.settings or {}))
 
     # ------------------------------------------------------------------ provenance
     def measurements(self, trial_id: int | None = None) -> tuple[dict[int, dict[str, Any]], pd.DataFrame]:
@@ -259,6 +332,7 @@ def open_study(path: str | os.PathLike[str], study: str | None = None) -> StudyD
                                  f"{', '.join(s.name for s in studies)}")
             row = matches[0]
         frame = store.trials_frame(row)
+        meas = store.measurements_frame(row)
     finally:
         store.close()
     if not settings:  # a bare database: the store's study row is all there is
@@ -270,7 +344,22 @@ def open_study(path: str | os.PathLike[str], study: str | None = None) -> StudyD
                 settings[key] = getattr(row, key)
     data = StudyData(name=row.name, db=db, root=root, study=row, settings=settings, trials=frame)
     data.trials = enrich(frame, settings)
+    ref = data.reference
+    data.records = trial_records(data.trials, meas, data.fidelity, ref.throughput.value if ref else None)
+    data.trials = add_speed(add_uncertainty(data.trials, data.records, data.fidelity), meas, ref)
     return data
+
+
+def compare_trials(study: "StudyData | str | os.PathLike[str]", a: int, b: int,
+                   fidelity: str | None = None) -> PairedDifference:
+    """acc(a) - acc(b) of two trials of a study (a `StudyData` or a path/URL `open_study` takes), paired on
+    the same images: ``.difference``, ``.interval`` (Newcombe 95%) and ``.test`` (exact McNemar, ``.p_value``).
+
+    ``str(tpsexplore.stats.format_difference(result))`` reads '-1.2 pts [-2.0, -0.4], McNemar p=0.003'.
+    Refuses with a one-line ValueError when the evaluation sets differ or per-image correctness is missing.
+    """
+    data = study if isinstance(study, StudyData) else open_study(study)
+    return data.compare(a, b, fidelity)
 
 
 def load_trials(db: str | os.PathLike[str], study: str | None = None) -> pd.DataFrame:
@@ -408,3 +497,81 @@ def enrich(frame: pd.DataFrame, settings: dict[str, Any] | None = None) -> pd.Da
     df["within_budget"] = df["usable"] & pd.Series(within, index=df.index) & ~df["is_baseline"]
     df.attrs.update(accuracy_column=acc, gmacs_column=gm, settings=settings)
     return df
+
+
+# ----------------------------------------------------------------------------- uncertainty and the recommendation
+def trial_records(df: pd.DataFrame, meas: pd.DataFrame, fidelity: str,
+                  reference: float | None = None) -> list[TrialRecord]:
+    """A `TrialRecord` per complete trial of an enriched trials frame, from the store's measurements frame."""
+    if df.empty:
+        return []
+    by_trial: dict[int, list[dict[str, Any]]] = {}
+    cols = [c for c in ("kind", "value", "fidelity", "batch_size", "dtype", "device", "extra") if c in meas.columns]
+    for m in meas.sort_values("measurement_id")[["trial_id", *cols]].to_dict("records") if len(meas) else []:
+        by_trial.setdefault(int(m["trial_id"]), []).append(m)
+    out = []
+    for r in df[df["state"] == "complete"].itertuples(index=False):
+        row = r._asdict()
+        out.append(build_record(int(row["number"]), by_trial.get(int(row["trial_id"]), []), fidelity=fidelity,
+                                label=row.get("label") or "", variant=row.get("variant") or "",
+                                cost=row.get("gmacs"), within_budget=bool(row.get("within_budget")),
+                                is_baseline=bool(row.get("is_baseline")), reference=reference))
+    return out
+
+
+def add_uncertainty(df: pd.DataFrame, records: list[TrialRecord], fidelity: str) -> pd.DataFrame:
+    """The interval, confirmation, speed-up and tie-with-best columns of the module docstring."""
+    out = df.copy()
+    by = {r.number: r for r in records}
+    best, tests = tests_against_best(records)
+    rec = recommend(records, fidelity)
+
+    def col(fn: Any, dtype: str = "float64") -> pd.Series:
+        vals = [fn(by[int(n)]) if int(n) in by else None for n in out["number"]]
+        return pd.Series([np.nan if v is None and dtype == "float64" else v for v in vals], index=out.index,
+                         dtype=dtype)
+
+    out["accuracy_n"] = col(lambda r: r.accuracy.n if r.accuracy else None, "Int64")
+    out["accuracy_lo"] = col(lambda r: r.accuracy.interval[0] if r.accuracy else None)
+    out["accuracy_hi"] = col(lambda r: r.accuracy.interval[1] if r.accuracy else None)
+    out["confirmed_seeds"] = col(lambda r: r.confirmed.count if r.confirmed else None, "Int64")
+    out["confirmed_std"] = col(lambda r: r.confirmed.std if r.confirmed else None)
+    out["confirmed_min"] = col(lambda r: r.confirmed.min if r.confirmed else None)
+    out["confirmed_max"] = col(lambda r: r.confirmed.max if r.confirmed else None)
+    out["speedup"] = col(lambda r: r.speed.median if r.speed else None)
+    out["speedup_lo"] = col(lambda r: r.speed.low if r.speed else None)
+    out["speedup_hi"] = col(lambda r: r.speed.high if r.speed else None)
+    p = [tests[int(n)].p_value if tests.get(int(n)) is not None else np.nan for n in out["number"]]
+    out["best_p"] = pd.Series(p, index=out.index, dtype="float64")
+    out["is_best"] = out["number"] == (best.number if best is not None else -1)
+    out["tied_with_best"] = out["is_best"] | (out["within_budget"] & (out["best_p"] >= 0.05))
+    out["recommended"] = out["number"] == (rec.chosen.number if rec is not None else -1)
+    out.attrs.update(df.attrs)
+    return out
+
+
+def add_speed(df: pd.DataFrame, meas: pd.DataFrame, reference: Reference | None) -> pd.DataFrame:
+    """Drift-proof speeds and flags (`tpsexplore.search.drift`) as columns: ``paired_throughput`` (img/s at the
+    reference = speed-up x reference), ``paired_latency_ms`` (reference ms / batch-1 speed-up), ``speed_basis``
+    ("paired", or "raw" without a reference), ``speedup_bs1``, ``baseline_drift``, ``speed_flagged`` and
+    ``speed_flag``."""
+    out = df.copy()
+    speeds = paired_speed(meas, reference) if len(meas) else pd.DataFrame()
+    flags = drift_flags(meas, reference) if len(meas) else pd.DataFrame()
+    cols = {"paired_throughput": ("throughput", speeds), "paired_latency_ms": ("latency_ms", speeds),
+            "speed_basis": ("basis", speeds), "speedup_bs1": ("speedup_bs1", speeds),
+            "baseline_drift": ("baseline_drift", flags), "speed_flagged": ("flagged", flags),
+            "speed_flag": ("reason", flags)}
+    for name, (src, frame) in cols.items():
+        values = dict(zip(frame["trial_id"], frame[src])) if len(frame) and src in frame.columns else {}
+        out[name] = [values.get(int(t)) for t in out["trial_id"]]
+    for name in ("paired_throughput", "paired_latency_ms", "speedup_bs1", "baseline_drift"):
+        out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
+    ref = reference.throughput.value if reference is not None else None
+    for side in ("lo", "hi"):
+        col = f"speedup_{side}"
+        out[f"paired_throughput_{side}"] = out[col] * ref if ref is not None and col in out.columns else np.nan
+    out["speed_flagged"] = out["speed_flagged"].map(lambda v: bool(v) if v is not None and v == v else False)
+    out["speed_flag"] = out["speed_flag"].map(lambda v: v if isinstance(v, str) else "")
+    out.attrs.update(df.attrs)
+    return out

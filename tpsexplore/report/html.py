@@ -28,6 +28,11 @@ figcaption { font-size: 0.88em; color: #444; max-width: 70em; }
 .warn { background: #fff7e0; border-left: 4px solid #f0b400; padding: 0.5em 0.9em; }
 .scroll { overflow-x: auto; }
 nav a { margin-right: 1em; }
+.headline { background: #eef6ee; border-left: 4px solid #2e8b57; padding: 0.4em 0.9em 0.6em 0.9em; }
+.headline table { font-size: 0.95em; margin: 0.3em 0; }
+.headline th { background: none; border: none; padding: 2px 10px 2px 0; white-space: nowrap; }
+.headline td { border: none; padding: 2px 0; }
+.headline code { background: #fff; padding: 1px 4px; }
 """
 
 
@@ -93,21 +98,35 @@ def _env_frame(envs: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _summary(rep: Any) -> pd.DataFrame:
-    """Best within-budget trial per method (accuracy, GMACs, trial)."""
-    df = rep.study.trials
-    pool = df[df["within_budget"]]
-    base = rep.study.baseline_gmacs
+def _headline_html(rep: Any) -> str:
     rows = []
-    for v, grp in pool.groupby("variant"):
-        best = grp.sort_values(["accuracy", "gmacs"], ascending=[False, True]).iloc[0]
-        rows.append({"method": v, "trials within budget": len(grp), "best top-1 (%)": 100.0 * best["accuracy"]
-                     if best["accuracy"] <= 1.0 else best["accuracy"], "GMACs": best["gmacs"],
-                     "x baseline GMACs": best["gmacs"] / base if base else None, "trial": int(best["number"]),
-                     "config": best["label"]})
-    out = pd.DataFrame(rows, columns=["method", "trials within budget", "best top-1 (%)", "GMACs",
-                                      "x baseline GMACs", "trial", "config"])
-    return out.sort_values("best top-1 (%)", ascending=False)
+    for k, v in rep.headline:
+        cell = f"<code>{_esc(v)}</code>" if k == "export" else _esc(v)
+        rows.append(f"<tr><th>{_esc(k)}</th><td>{cell}</td></tr>")
+    notes = getattr(rep.recommendation, "notes", ()) or ()
+    tail = "".join(f"<p class=\"sub\">{_esc(n)}</p>" for n in notes)
+    return (f'<div class="headline" id="headline"><h2 style="border:none;margin-top:0.4em">Recommended config</h2>'
+            f"<table>{''.join(rows)}</table>{tail}<p class=\"sub\">{_esc(HEADLINE_RULE)}</p></div>")
+
+
+HEADLINE_RULE = ("Rule: the most accurate trial within the budget; of the trials an exact McNemar test cannot tell "
+                 "apart from it (p >= 0.05, same images), the cheapest in GMACs. Confirmed accuracies (mean over "
+                 "fine-tune seeds) are used where the confirmation stage ran. Accuracies in percent with the 95% "
+                 "Wilson interval; the drop's interval is Newcombe's for paired proportions.")
+
+
+PARETO_TEXT = ("The front of the study's objectives over the trials within budget, most accurate first. Accuracy "
+               "in percent with its 95% Wilson interval and n (digits as the interval supports); 'vs most "
+               "accurate' is the exact McNemar test on the same images; cost in GMACs (analytic, one MAC = one "
+               "FLOP, the papers' 'GFLOPs'); speed as the paired speed-up (reduced over the baseline measured "
+               "beside it) with its range. Every raw measurement (columns kind@fidelity, kind@bs<batch>/<dtype>/"
+               "<device>) is in pareto.csv and trials.csv.")
+
+
+FLAGS_TEXT = ("Trials whose timing was taken on a loaded machine (other runnable processes, CPU steal, other GPU "
+              "processes or throttling) or whose baseline, timed beside them, drifted more than 10% from the study's "
+              "reference. Their paired speed-up is still usable (both sides saw the same load), but treat their raw "
+              "img/s and ms with care.")
 
 
 def render_html(rep: Any, generated: str) -> str:
@@ -119,8 +138,11 @@ def render_html(rep: Any, generated: str) -> str:
     if data.is_proxy:
         parts.append('<p class="warn">Proxy task: the accuracies below are on the offline proxy data, not '
                      "ImageNet. They rank configurations; they are not ImageNet accuracies.</p>")
-    nav = ["<a href=\"#provenance\">Provenance</a>", "<a href=\"#summary\">Summary</a>",
+    parts.append(_headline_html(rep))
+    nav = ["<a href=\"#headline\">Recommended</a>", "<a href=\"#provenance\">Provenance</a>",
+           "<a href=\"#summary\">Summary</a>",
            "<a href=\"#figures\">Figures</a>", "<a href=\"#pareto\">Pareto-optimal configs</a>",
+           "<a href=\"#speed-flags\">Speed flags</a>",
            "<a href=\"#skipped\">Skipped</a>"]
     parts.append("<nav>" + "".join(nav) + "</nav>")
     parts.append("<h2 id=\"provenance\">Provenance</h2><table class=\"prov\">")
@@ -128,7 +150,7 @@ def render_html(rep: Any, generated: str) -> str:
         parts.append(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>")
     parts.append("</table>")
     parts.append("<h2 id=\"summary\">Summary: best config per method within budget</h2>")
-    parts.append(_table_html(_summary(rep)))
+    parts.append(_table_html(rep.summary) if rep.summary is not None and len(rep.summary) else "<p>(none)</p>")
     parts.append("<h2 id=\"figures\">Figures</h2>")
     for f in rep.figures:
         b64 = base64.b64encode(f.png.read_bytes()).decode("ascii")
@@ -137,12 +159,12 @@ def render_html(rep: Any, generated: str) -> str:
                      f"<figcaption>{_esc(f.caption)} <em>(files: figures/{_esc(f.name)}.png, .svg)</em>"
                      "</figcaption></figure>")
     parts.append("<h2 id=\"pareto\">Pareto-optimal configs (within budget)</h2>")
-    parts.append("<p>The front of the study's objectives over the trials within budget, most accurate first, "
-                 "with every measurement (columns <code>kind@fidelity</code> or "
-                 "<code>kind@bs&lt;batch&gt;/&lt;dtype&gt;/&lt;device&gt;</code>; accuracies are fractions) and the "
-                 "environment it was measured in.</p>")
-    parts.append(_wide_table_html(rep.pareto, "trial") if rep.pareto is not None and len(rep.pareto)
-                 else "<p>(none)</p>")
+    parts.append(f"<p>{_esc(PARETO_TEXT)}</p>")
+    parts.append(_wide_table_html(rep.pareto_display, "trial") if rep.pareto_display is not None
+                 and len(rep.pareto_display) else "<p>(none)</p>")
+    parts.append(f"<h2 id=\"speed-flags\">Speed flags</h2><p>{_esc(FLAGS_TEXT)}</p>")
+    parts.append(_table_html(rep.speed_flags) if rep.speed_flags is not None and len(rep.speed_flags)
+                 else "<p>No trial's timing is flagged.</p>")
     if rep.environments:
         parts.append("<h3>Environments (hardware and software of the measurements)</h3>")
         parts.append(_wide_table_html(_env_frame(rep.environments), "environment"))
@@ -169,15 +191,22 @@ def render_markdown(rep: Any, generated: str) -> str:
     if data.is_proxy:
         out += ["> **Proxy task**: the accuracies are on the offline proxy data, not ImageNet. They rank "
                 "configurations; they are not ImageNet accuracies.", ""]
+    out += ["## Recommended config", "", "| | |", "|---|---|"]
+    out += [f"| **{k}** | {('`' + v + '`') if k == 'export' else v.replace('|', '/')} |" for k, v in rep.headline]
+    out += [""] + [f"_{n}_" for n in (getattr(rep.recommendation, "notes", ()) or ())] + [f"_{HEADLINE_RULE}_", ""]
     out += ["## Provenance", "", "| field | value |", "|---|---|"]
     out += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rep.provenance]
-    out += ["", "## Summary: best config per method within budget", "", _table_md(_summary(rep)), "## Figures", ""]
+    summary = rep.summary if rep.summary is not None else pd.DataFrame()
+    out += ["", "## Summary: best config per method within budget", "", _table_md(summary), "## Figures", ""]
     for f in rep.figures:
         out += [f"### {f.title}", "", f"![{f.title}](figures/{f.name}.png)", "", f"{f.caption} "
                 f"([SVG](figures/{f.name}.svg))", ""]
-    pareto = rep.pareto if rep.pareto is not None else pd.DataFrame()
-    out += ["## Pareto-optimal configs (within budget)", "",
+    pareto = rep.pareto_display if rep.pareto_display is not None else pd.DataFrame()
+    out += ["## Pareto-optimal configs (within budget)", "", PARETO_TEXT, "",
             _table_md(_transposed(pareto, "trial") if 0 < len(pareto) <= 12 else pareto)]
+    flags = rep.speed_flags if rep.speed_flags is not None else pd.DataFrame()
+    out += ["## Speed flags", "", FLAGS_TEXT, "",
+            _table_md(flags) if len(flags) else "No trial's timing is flagged.\n"]
     if rep.environments:
         out += ["### Environments", "", _table_md(_transposed(_env_frame(rep.environments), "environment"))]
     if rep.published is not None and len(rep.published):

@@ -13,7 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from ..reduce.methods import METHODS
 from .pareto import hypervolume_history, pareto_front, parse_objectives
@@ -22,6 +22,9 @@ STYLE = "whitegrid"
 CONTEXT = "notebook"
 BASELINE_COLOR = "black"
 _PALETTE_NAME = "tab20"
+TIE_COLOR = "goldenrod"
+RECOMMENDED_COLOR = "forestgreen"
+TIE_LABEL = "\u2248 most accurate (McNemar p \u2265 0.05)"
 
 
 def new_figure(width: float = 8.0, height: float = 5.0) -> Figure:
@@ -48,6 +51,74 @@ def _variants(df: pd.DataFrame) -> list[str]:
     return sorted({str(v) for v in df[col].dropna()}, key=lambda v: (order.get(v.split("+")[0], 99), v))
 
 
+def interval_columns(df: pd.DataFrame, y: str) -> tuple[str, str] | None:
+    """The (lower, upper) columns of ``y``'s 95% interval: ``{y}_lo``/``{y}_hi``, or ``accuracy_lo``/``_hi``
+    for ``accuracy``; None when the frame has none."""
+    for lo, hi in ((f"{y}_lo", f"{y}_hi"),):
+        if lo in df.columns and hi in df.columns and df[lo].notna().any():
+            return lo, hi
+    return None
+
+
+def _error_bars(ax: Any, data: pd.DataFrame, x: str, y: str, color: Any, **kw: Any) -> None:
+    """Vertical 95% interval bars (Wilson) of ``y`` where the frame has them."""
+    cols = interval_columns(data, y)
+    if cols is None or data.empty:
+        return
+    d = data.dropna(subset=[cols[0], cols[1]])
+    if d.empty:
+        return
+    yv = d[y].to_numpy(float)
+    err = np.vstack([np.clip(yv - d[cols[0]].to_numpy(float), 0, None), np.clip(d[cols[1]].to_numpy(float) - yv, 0, None)])
+    opts = dict(fmt="none", ecolor=color, elinewidth=0.9, capsize=2.5, alpha=0.55, zorder=2)
+    opts.update(kw)
+    ax.errorbar(d[x].to_numpy(float), yv, yerr=err, **opts)
+
+
+def _x_error_bars(ax: Any, data: pd.DataFrame, x: str, y: str, color: Any) -> None:
+    """Horizontal bars: the range of ``x`` (columns ``{x}_lo``/``{x}_hi``, e.g. a speed-up's windows)."""
+    cols = interval_columns(data, x)
+    if cols is None or data.empty:
+        return
+    d = data.dropna(subset=[cols[0], cols[1], y])
+    if d.empty:
+        return
+    xv = d[x].to_numpy(float)
+    err = np.vstack([np.clip(xv - d[cols[0]].to_numpy(float), 0, None), np.clip(d[cols[1]].to_numpy(float) - xv, 0, None)])
+    ax.errorbar(xv, d[y].to_numpy(float), xerr=err, fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.45,
+                zorder=2)
+
+
+def _percent_axis(ax: Any, data: pd.DataFrame, y: str) -> None:
+    """Accuracy stored as a fraction reads as percent on the axis (one unit across the report)."""
+    if str(y).startswith("accuracy") and len(data) and float(data[y].max()) <= 1.0 + 1e-9:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+
+
+def _label_points(ax: Any, pts: pd.DataFrame, x: str, y: str, color: Any = "crimson") -> None:
+    """Trial numbers beside points (``#n``)."""
+    if "number" not in pts.columns:
+        return
+    for _, r in pts.iterrows():
+        ax.annotate(f"#{int(r['number'])}", (float(r[x]), float(r[y])), xytext=(5, 6), textcoords="offset points",
+                    fontsize="x-small", color=color, zorder=6)
+
+
+def _tie_marks(ax: Any, front: pd.DataFrame, x: str, y: str) -> None:
+    """Rings on front points not distinguishable from the most accurate; a square on the recommended one."""
+    if "tied_with_best" in front.columns:
+        tied = front[front["tied_with_best"].fillna(False).astype(bool)]
+        if len(tied):
+            ax.scatter(tied[x], tied[y], s=430, facecolors="none", edgecolors=TIE_COLOR, linewidths=2.2,
+                       zorder=2, label=TIE_LABEL)
+    if "recommended" in front.columns:
+        rec = front[front["recommended"].fillna(False).astype(bool)]
+        if len(rec):
+            ax.scatter(rec[x], rec[y], s=120, marker="s", facecolors="none", edgecolors=RECOMMENDED_COLOR,
+                       linewidths=2.0, zorder=5, label=f"recommended (#{int(rec['number'].iloc[0])})"
+                       if "number" in rec.columns else "recommended")
+
+
 def _step_front(ax: Any, front: pd.DataFrame, x: str, y: str, x_dir: str, **kw: Any) -> None:
     """Draw a 2-D front as the staircase of what is attainable (x minimised: 'post'; maximised: 'pre')."""
     if front.empty:
@@ -59,12 +130,18 @@ def _step_front(ax: Any, front: pd.DataFrame, x: str, y: str, x_dir: str, **kw: 
 def plot_tradeoff(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", *, x_direction: str = "min",
                   budget: float | None = None, budget_label: str | None = None, shade: bool = True,
                   title: str | None = None, x_label: str | None = None, y_label: str | None = None,
-                  hue: str = "variant") -> Figure:
+                  hue: str = "variant", flag: str | None = None) -> Figure:
     """Every usable trial coloured by method, the Pareto front of the trials within budget, the baseline
     (black star) and the budget as a vertical line on the x axis (``budget`` in x units; ``shade`` greys the
     side beyond it).
 
-    Trials over the budget are drawn hollow; they take no part in the front.
+    Trials over the budget are drawn hollow; they take no part in the front. Each point carries its 95%
+    interval (columns ``{y}_lo``/``{y}_hi``, e.g. ``accuracy_lo``/``accuracy_hi`` of `load_trials`) as an error
+    bar; front points are labelled ``#trial``; front points not distinguishable from the most accurate
+    within-budget trial (column ``tied_with_best``) get a gold ring, the recommended one (``recommended``) a
+    green square. Accuracy columns stored as fractions are shown in percent. ``x`` ranges (``{x}_lo``/``{x}_hi``,
+    e.g. ``speedup_lo``) are horizontal bars; ``flag`` names a boolean column whose trials get a black cross
+    (e.g. ``speed_flagged``: timings taken under load or with a drifted baseline).
     """
     data = df[df["usable"] & df[x].notna()] if "usable" in df.columns else df[df[x].notna() & df[y].notna()]
     trials = data[~data["is_baseline"]] if "is_baseline" in data.columns else data
@@ -77,6 +154,11 @@ def plot_tradeoff(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", *, x_
     fig = new_figure(9.0, 5.0)
     with sns.axes_style(STYLE), sns.plotting_context(CONTEXT):
         ax = fig.add_subplot()
+        for v, grp in trials.groupby(hue):
+            _error_bars(ax, grp, x, y, pal.get(v, "grey"))
+            _x_error_bars(ax, grp, x, y, pal.get(v, "grey"))
+        if interval_columns(data, y) is not None:
+            ax.plot([], [], color="grey", lw=0.9, label="95% interval (Wilson)")
         if len(within):
             sns.scatterplot(data=within, x=x, y=y, hue=hue, palette=pal, s=60, alpha=0.9, edgecolor="white",
                             linewidth=0.5, ax=ax, legend=True, zorder=3)
@@ -89,9 +171,18 @@ def plot_tradeoff(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", *, x_
         _step_front(ax, front, x, y, x_direction, color="crimson", lw=1.8, alpha=0.9, label="Pareto front", zorder=1)
         if len(front):
             ax.scatter(front[x], front[y], s=190, facecolors="none", edgecolors="crimson", linewidths=1.1, zorder=2)
+            _tie_marks(ax, front, x, y)
+            _label_points(ax, front, x, y)
+        if flag and flag in trials.columns:
+            bad = trials[trials[flag].fillna(False).astype(bool)]
+            if len(bad):
+                ax.scatter(bad[x], bad[y], marker="x", s=70, color="black", linewidths=1.4, zorder=5,
+                           label="speed flagged (load or baseline drift > 10%)")
         if len(base):
+            _error_bars(ax, base, x, y, BASELINE_COLOR)
             ax.scatter(base[x], base[y], marker="*", s=320, color=BASELINE_COLOR, edgecolors="white",
                        linewidths=0.8, zorder=4, label="baseline (no reduction)")
+            _label_points(ax, base, x, y, BASELINE_COLOR)
         if budget is not None and np.isfinite(budget):
             ax.axvline(budget, color="dimgray", ls="--", lw=1.4, label=budget_label or f"budget {budget:.3g}")
             ax.margins(x=0.07, y=0.08)
@@ -109,6 +200,7 @@ def plot_tradeoff(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", *, x_
         if title:
             fig.suptitle(title)
         _legend(ax)
+        _percent_axis(ax, data, y)
     return fig
 
 
@@ -125,9 +217,16 @@ def _legend(ax: Any) -> None:
     for h, lab in zip(handles, labels):
         if lab and not lab.startswith("_") and lab not in seen and lab != "variant" and lab != "method":
             seen[lab] = h
-    if seen:
-        ax.legend(seen.values(), seen.keys(), loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small",
-                  frameon=False)
+    if seen:  # methods first, then the marks, in a fixed order
+        special = ("Pareto front", "over budget", "95% interval", "\u2248 most accurate", "recommended",
+                   "speed flagged", "baseline", "budget", "GMACs budget", "published")
+        rank = {lab: next((i + 1 for i, p in enumerate(special) if lab.startswith(p)), 0) for lab in seen}
+        seen = dict(sorted(seen.items(), key=lambda kv: rank[kv[0]]))
+        leg = ax.legend(seen.values(), seen.keys(), loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small",
+                        frameon=False)
+        for h in getattr(leg, "legend_handles", []):  # big rings and stars at one legible size
+            if hasattr(h, "set_sizes"):
+                h.set_sizes([70])
     elif ax.get_legend() is not None:
         ax.get_legend().remove()
 
@@ -136,6 +235,9 @@ def plot_method_fronts(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", 
                        published: pd.DataFrame | None = None, budget: float | None = None,
                        title: str | None = None, x_label: str | None = None, y_label: str | None = None) -> Figure:
     """The Pareto front of each method on one plot (the TPS paper's Figure 5 view).
+
+    Front points carry their 95% interval and trial number; gold rings and the green square as in
+    `plot_tradeoff`.
 
     ``published`` (columns method, setting, top1, gmacs; see `published.published_points`) adds the papers'
     points, drawn as crosses in the method's colour (black for the unreduced model) and labelled "published".
@@ -156,9 +258,15 @@ def plot_method_fronts(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", 
             grp = data[data["variant"] == v]
             front = pareto_front(grp, {x: x_direction, y: "max"})
             _step_front(ax, front, x, y, x_direction, color=pal[v], lw=1.8, alpha=0.9)
+            _error_bars(ax, front, x, y, pal[v], alpha=0.7)
             ax.plot(front[x], front[y], "o", color=pal[v], ms=6, label=f"{v} ({len(front)}/{len(grp)})")
             ax.scatter(grp[x], grp[y], s=12, color=pal[v], alpha=0.25, lw=0)
+            _tie_marks(ax, front, x, y)
+            _label_points(ax, front, x, y, pal[v])
+        if interval_columns(data, y) is not None and variants:
+            ax.plot([], [], color="grey", lw=0.9, label="95% interval of front points (Wilson)")
         if len(base):
+            _error_bars(ax, base, x, y, BASELINE_COLOR)
             ax.scatter(base[x], base[y], marker="*", s=320, color=BASELINE_COLOR, edgecolors="white",
                        linewidths=0.8, zorder=4, label="baseline")
         if published is not None and len(published):
@@ -173,6 +281,7 @@ def plot_method_fronts(df: pd.DataFrame, x: str = "gmacs", y: str = "accuracy", 
         ax.set_ylabel(y_label or y)
         fig.suptitle(title or "Pareto front per method (front points / trials)")
         _legend(ax)
+        _percent_axis(ax, data, y)
     return fig
 
 
@@ -241,6 +350,7 @@ def best_within_budget(df: pd.DataFrame, budgets: Sequence[float], groups: Mappi
     "topk"]}``. Returns columns group, budget, best, trial (the trial number reaching it; NaN when none fits).
     """
     data = df[df["usable"] & ~df["is_baseline"]] if "usable" in df.columns else df
+    iv = interval_columns(data, y)
     if baseline_x is None:
         has_base = "is_baseline" in df.columns and df["is_baseline"].any()
         baseline_x = float(df.loc[df["is_baseline"], x].max()) if has_base else float(data[x].max())
@@ -251,8 +361,10 @@ def best_within_budget(df: pd.DataFrame, budgets: Sequence[float], groups: Mappi
             ok = grp[grp[x] <= b * baseline_x + 1e-12].dropna(subset=[y])
             best = ok.loc[ok[y].idxmax()] if len(ok) else None
             rows.append({"group": name, "budget": float(b), "best": np.nan if best is None else float(best[y]),
-                         "trial": np.nan if best is None else best.get("number", np.nan)})
-    return pd.DataFrame(rows, columns=["group", "budget", "best", "trial"])
+                         "trial": np.nan if best is None else best.get("number", np.nan),
+                         "best_lo": np.nan if best is None or iv is None else float(best[iv[0]]),
+                         "best_hi": np.nan if best is None or iv is None else float(best[iv[1]])})
+    return pd.DataFrame(rows, columns=["group", "budget", "best", "trial", "best_lo", "best_hi"])
 
 
 def plot_budget_sweep(df: pd.DataFrame, budgets: Sequence[float], groups: Mapping[str, Sequence[str]], *,
@@ -265,12 +377,20 @@ def plot_budget_sweep(df: pd.DataFrame, budgets: Sequence[float], groups: Mappin
     """
     table = best_within_budget(df, budgets, groups, x=x, y=y, baseline_x=baseline_x)
     fig = new_figure(7.0, 4.0)
+    colors = sns.color_palette("deep", n_colors=max(1, len(groups)))
     with sns.axes_style(STYLE), sns.plotting_context(CONTEXT):
         ax = fig.add_subplot()
-        if table["best"].notna().any():
-            sns.lineplot(data=table, x="budget", y="best", hue="group", marker="o", ax=ax)
+        for i, (name, grp) in enumerate(table.dropna(subset=["best"]).groupby("group", sort=False)):
+            grp = grp.sort_values("budget")
+            ax.plot(grp["budget"], grp["best"], "o-", color=colors[i % len(colors)], label=name)
+            _error_bars(ax, grp, "budget", "best", colors[i % len(colors)], alpha=0.7)
+            _label_points(ax, grp.assign(number=grp["trial"]).dropna(subset=["number"]), "budget", "best",
+                          colors[i % len(colors)])
         ax.invert_xaxis()
         ax.set_xlabel(f"budget (fraction of the baseline's {x}); tighter to the right")
-        ax.set_ylabel(f"best {y} within budget")
-        ax.set_title(title or "Best accuracy as the budget tightens")
+        ax.set_ylabel(f"best {y} within budget (95% interval)")
+        ax.set_title(title or "Best accuracy as the budget tightens (#trial)")
+        if table["best"].notna().any():
+            ax.legend(fontsize="small", frameon=False)
+        _percent_axis(ax, table.rename(columns={"best": y}).dropna(subset=[y]), y)
     return fig
