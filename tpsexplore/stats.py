@@ -241,9 +241,21 @@ def format_accuracy(acc: Accuracy, decimals: int | None = None) -> str:
 def format_difference(diff: PairedDifference, decimals: int | None = None) -> str:
     """'-1.2 pts [-2.0, -0.4], McNemar p=0.003': percentage points, signed."""
     d = decimals_for((diff.high - diff.low) / 2) if decimals is None else decimals
-    return (f"{100 * diff.difference:+.{d}f} pts [{100 * diff.low:+.{d}f}, {100 * diff.high:+.{d}f}], "
-            f"McNemar p={format_p(diff.test.p_value)}")
+    return (f"{_signed(100 * diff.difference, d)} pts [{_signed(100 * diff.low, d)}, {_signed(100 * diff.high, d)}], "
+            f"McNemar {p_text(diff.test.p_value)}")
+
+
+def _signed(x: float, decimals: int) -> str:
+    """'+1.2' / '-0.4', and '0.0' rather than '-0.0' when the rounding reaches zero."""
+    text = f"{x:+.{decimals}f}"
+    return text[1:] if float(text) == 0 else text
 
 
 def format_p(p: float) -> str:
     return "<1e-4" if p < 1e-4 else f"{p:.2g}"
+
+
+def p_text(p: float) -> str:
+    """'p=0.03' or 'p<1e-4'."""
+    text = format_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
