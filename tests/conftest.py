@@ -23,3 +23,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def proxy_cache(tmp_path_factory):
+    """A session-wide proxy cache so each tiny backbone is pre-trained once (and never in ~/.cache)."""
+    path = tmp_path_factory.mktemp("proxy-cache")
+    old = os.environ.get("TPSEXPLORE_CACHE")
+    os.environ["TPSEXPLORE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TPSEXPLORE_CACHE", None)
+    else:
+        os.environ["TPSEXPLORE_CACHE"] = old

@@ -41,17 +41,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def proxy_cache(tmp_path_factory):
-    """A module-wide proxy cache so the tiny backbone is pre-trained once (and never in ~/.cache)."""
-    path = tmp_path_factory.mktemp("confirm-proxy-cache")
-    old = os.environ.get("TPSEXPLORE_CACHE")
-    os.environ["TPSEXPLORE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("TPSEXPLORE_CACHE", None)
-    else:
-        os.environ["TPSEXPLORE_CACHE"] = old
 
 
 class _Stderr(io.StringIO):

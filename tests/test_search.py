@@ -35,17 +35,6 @@ SMOKE = ROOT / "studies" / "smoke.toml"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="session")
-def proxy_cache(tmp_path_factory):
-    """A session-wide proxy cache so the tiny backbone is pre-trained once (and never in ~/.cache)."""
-    path = tmp_path_factory.mktemp("proxy-cache")
-    old = os.environ.get("TPSEXPLORE_CACHE")
-    os.environ["TPSEXPLORE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("TPSEXPLORE_CACHE", None)
-    else:
-        os.environ["TPSEXPLORE_CACHE"] = old
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
