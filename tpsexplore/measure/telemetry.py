@@ -44,8 +44,21 @@ ENERGY_COUNTER = "nvml_total_energy_counter"
 ENERGY_POWER_SAMPLES = "nvml_power_samples"
 
 
+class _Record:
+    """JSON round trip of a flat record dataclass: `to_dict`, and `from_dict` ignoring keys this version does
+    not know (records written by a newer version)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
-class Telemetry:
+class Telemetry(_Record):
     """One snapshot of the device a measurement ran on (GPU fields are None without NVML).
 
     Clocks, temperature, power draw and throttle reasons are read while the last timed window is still
@@ -75,14 +88,6 @@ class Telemetry:
     load_avg_1m: float | None = None  # system load when read: CPU timings on a busy host are not comparable
     gpu_processes: int | None = None  # other processes holding a context on this GPU (NVML)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Telemetry":
-        """Rebuild from `to_dict()` output; keys this version does not know (newer records) are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def decode_throttle_reasons(mask: int) -> list[str]:
@@ -394,6 +399,12 @@ def _usable_cpus() -> frozenset[int] | None:
         return None
 
 
+def usable_core_count() -> int:
+    """CPUs this process may run on (its affinity set; os.cpu_count() where that is unknown)."""
+    cpus = _usable_cpus()
+    return len(cpus) if cpus is not None else (os.cpu_count() or 1)
+
+
 def _proc_stat(cpus: frozenset[int] | None) -> tuple[int | None, tuple[int, int, int] | None]:
     """(procs_running, ticks over ``cpus`` or all CPUs) from /proc/stat; Nones where it cannot be read."""
     try:
@@ -459,7 +470,7 @@ def runnable_other_now() -> int | None:
 
 
 @dataclass
-class Contention:
+class Contention(_Record):
     """How busy the machine was around one measurement's timed windows, and whether it counts as ``loaded``.
 
     CPU (Linux /proc; None elsewhere): ``runnable_other`` is the median over the timed windows of the
@@ -492,14 +503,6 @@ class Contention:
     max_sm_clock_mhz: int | None = None
     throttle_reasons: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Contention":
-        """Rebuild from `to_dict()` output; keys this version does not know are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def contention_reasons(*, runnable_other: float | None, idle_cores: float, steal_fraction: float | None = None,

@@ -45,6 +45,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from ..measure.telemetry import usable_core_count
 from ..storage import ResultsStore
 from .backend import (A_HEARTBEAT, A_ROLE, A_WORKER, S_ENQUEUED, S_FINGERPRINT, counted, end,
                       make_sampler, open_storage, recover, retries_first, record, storage_display, worker_identity)
@@ -114,7 +115,7 @@ def cpu_threads(settings: SearchSettings, device: torch.device) -> tuple[int, st
     and equals the default on an idle machine. Chosen at the start of a run, and again before each trial
     when automatic (`trial_threads`); the paired speed-ups do not depend on it.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_core_count()
     if device.type != "cpu":
         return torch.get_num_threads(), "device is not the CPU: torch's default"
     if settings.threads:
@@ -140,7 +141,7 @@ def trial_threads(settings: SearchSettings, device: torch.device, n_workers: int
     One thread per core that other processes leave idle, at most this worker's share (cores // workers;
     sibling workers count as other processes), at least one. Without /proc the current count is kept.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_core_count()
     busy = busy_cores(samples=samples, interval=interval)
     if busy is None:
         return torch.get_num_threads(), "no /proc/stat: kept"
