@@ -3,7 +3,8 @@
 It runs Debian's PostgreSQL binaries (``initdb``/``pg_ctl`` on PATH, else /usr/lib/postgresql/<ver>/bin)
 on a fresh data directory in a temp dir, listening on 127.0.0.1 at a free port with its unix socket in the
 same temp dir, trusts local connections (loopback only, deleted afterwards), creates database
-``tpsexplore_test`` and yields ``postgresql+psycopg2://postgres@127.0.0.1:<port>/tpsexplore_test``. PostgreSQL
+``tpsexplore_test`` and yields ``postgresql://postgres@127.0.0.1:<port>/tpsexplore_test`` (the plain form the
+README shows: SQLAlchemy 2.1 opens it with psycopg 3, a dependency of tpsexplore). PostgreSQL
 refuses to run as root, so as root the server runs as the ``postgres`` user (or ``nobody``) and the temp dir
 is chowned to it. Every step has a timeout. If no server can be started the tests using the fixture are
 skipped with the reason, unless ``TPSX_REQUIRE_POSTGRES=1`` makes that a failure (use it in CI).
@@ -48,7 +49,7 @@ class PostgresServer:
         return self.root / "data"
 
     def url(self, database: str = DB_NAME) -> str:
-        return f"postgresql+psycopg2://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
     def run(self, *args: str, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess:
         """Run a PostgreSQL binary as the server's user; output goes to files (a daemon keeps no pipe open)."""
@@ -140,9 +141,9 @@ def _tail(text: str, lines: int = 3) -> str:
 def start_postgres() -> PostgresServer:
     """Start a throwaway server and create database DB_NAME; raise PostgresUnavailable saying why not."""
     try:
-        import psycopg2
+        import psycopg
     except ImportError:
-        raise PostgresUnavailable("psycopg2 is not installed (pip install psycopg2-binary)") from None
+        raise PostgresUnavailable("psycopg 3 is not installed (pip install 'psycopg[binary]')") from None
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise PostgresUnavailable("PostgreSQL server binaries not found (initdb/pg_ctl/postgres on PATH or in "
@@ -181,15 +182,10 @@ def start_postgres() -> PostgresServer:
         else:
             raise PostgresUnavailable(f"pg_ctl start failed: {last}")
         try:
-            conn = psycopg2.connect(host="127.0.0.1", port=server.port, user=SUPERUSER, dbname="postgres",
-                                    connect_timeout=10)
-            try:
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute(f"CREATE DATABASE {DB_NAME}")
-            finally:
-                conn.close()
-        except psycopg2.Error as e:
+            with psycopg.connect(host="127.0.0.1", port=server.port, user=SUPERUSER, dbname="postgres",
+                                 connect_timeout=10, autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {DB_NAME}")
+        except psycopg.Error as e:
             raise PostgresUnavailable(f"cannot create database {DB_NAME}: {' '.join(str(e).split())}") from None
         return server
     except BaseException:

@@ -89,7 +89,7 @@ def test_offline_without_weights_is_one_clear_error(monkeypatch):
     (["profile", "--backbone", "deit_t", "--method", "fancy", "--locations", "3", "--keep", "0.7"],
      "method: unknown method 'fancy'"),
     (["profile", "--backbone", "deit_t", "--method", "etps", "--locations", "3", "--keep", "1.5"],
-     "keep_ratios: 1.5 is outside (0, 1]"),
+     "--keep: 1.5 is outside (0, 1]"),  # the CLI names its flag, not the field (keep_ratios)
     (["profile", "--backbone", "deit_t", "--method", "etps", "--locations", "6,3", "--keep", "0.7"],
      "locations: [6, 3] must be strictly increasing"),
     (["profile", "--backbone", "deit_t", "--method", "etps", "--locations", "3", "--keep", "0.7",

@@ -249,7 +249,7 @@ def test_ctrl_c_during_confirmation_stores_nothing_half_done(run_b):
     ("[confirm]\nseeds = 0\n", [], "confirm.seeds: 0 is not an integer >= 1"),
     ("[confirm]\nrounds = 3\n", [], "confirm.rounds: unknown key"),
     ("", ["--confirm", "2y3"], "confirm: '2y3' is not TOP or TOPxSEEDS"),
-    ("", ["--confirm", "-1"], "confirm.top: -1 is not an integer >= 0"),
+    ("", ["--confirm", "-1"], "--confirm: -1 is not an integer >= 0"),
 ])
 def test_bad_confirm_settings_exit_2_one_line(tmp_path, capsys, table, args, needle):
     study = tmp_path / "study.toml"

@@ -21,7 +21,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 from safetensors.torch import load_file, save_file
 
-from tpsexplore.backbones import create_backbone
+from tpsexplore.backbones import create_backbone, resolve_name
+from tpsexplore.manifest import (Budget, DataSource, Fidelity, Geometry, Objective, StudyLayout, StudyManifest,
+                                 Weights, parse_storage)
 from tpsexplore.cli import main
 from tpsexplore.measure.environment import environment_info
 from tpsexplore.measure.flops import analytic_macs, geometry, geometry_from_model
@@ -122,31 +124,32 @@ def make_study(root: Path, *, backbone: str = "deit_t", model: dict | None = Non
     base_gmacs = analytic_macs(ReductionConfig(), geo).gmacs
     env = environment_info("cpu")
     objectives = ["accuracy_top1@finetuned:maximize", "gmacs@analytic:minimize"]
-    journal = study_dir / "optuna.journal"
-    settings = {
-        "study": name, "backbone": backbone, "budget": BUDGET, "objectives": objectives,
-        "objective_names": "accuracy,gflops", "methods": sorted({t[1] for t in trials} - {"baseline"}),
-        "excluded_methods": {}, "data": data,
-        "weights": {"kind": "proxy-pretrained", "note": "synthetic test study"},
-        "fidelity": {"finetune_steps": 4, "accuracy_objective": "accuracy_top1@finetuned",
-                     "zero_shot": "evaluated for every built trial"},
-        "device": "cpu", "seed": 0, "optuna_storage": str(journal), "optuna_storage_kind": "journal",
-        "results_db": str(study_dir / "results.db"), "weights_dir": str(study_dir / "weights"),
-        "space": {"baseline_gmacs": base_gmacs, "budget_gmacs": BUDGET * base_gmacs},
-        "settings": {"backbone": backbone, "model": model, "budget": BUDGET},
-        "versions": {k: env.get(k) for k in ("python", "torch", "timm", "optuna", "tpsexplore")},
-        "environment": env,
-    }
-    if reference:
-        settings["reference"] = {"throughput": {"batch_size": 16, "dtype": "fp32", "device": "cpu", "value": 3000.0},
-                                 "latency_ms": {"batch_size": 1, "dtype": "fp32", "device": "cpu", "value": 2.0},
-                                 "measured": "2026-01-01T00:00:00+00:00"}
-    (study_dir / "study.json").write_text(json.dumps(settings, indent=2))
+    layout = StudyLayout(study_dir)
+    journal = layout.journal
+    ref = {"throughput": {"batch_size": 16, "dtype": "fp32", "device": "cpu", "value": 3000.0},
+           "latency_ms": {"batch_size": 1, "dtype": "fp32", "device": "cpu", "value": 2.0},
+           "measured": "2026-01-01T00:00:00+00:00"} if reference else None
+    manifest = StudyManifest(
+        study=name, backbone=backbone, timm_name=resolve_name(backbone),
+        model_kwargs={**model, "num_classes": data["num_classes"]},
+        geometry=Geometry(num_patches=geo.num_patches, num_prefix=geo.num_prefix, depth=geo.depth, width=geo.embed_dim,
+                          img_size=geo.img_size[0], patch_size=geo.patch_size[0], num_classes=geo.num_classes,
+                          num_heads=geo.num_heads),
+        budget=Budget(BUDGET, BUDGET * base_gmacs, base_gmacs),
+        objectives=(Objective("accuracy", "accuracy_top1@finetuned", "maximize"),
+                    Objective("gflops", "gmacs@analytic", "minimize")),
+        fidelity=Fidelity("finetuned", 4), storage=parse_storage(str(journal)),
+        data=DataSource("proxy" if data.get("source") == "digits" else "real", f"synthetic: {data['source']}", data),
+        weights=Weights("proxy-pretrained", note="synthetic test study"), proxy=None, reference=ref, seed=0,
+        device="cpu", versions={k: env.get(k) for k in ("python", "torch", "timm", "optuna", "tpsexplore")},
+        extra={"methods": sorted({t[1] for t in trials} - {"baseline"}), "excluded_methods": {}, "environment": env})
+    manifest.write(layout)
+    settings = {"reference": ref, "manifest": manifest.to_dict()}
     ostudy = None
     if optuna_journal:
         storage = JournalStorage(JournalFileBackend(str(journal)))
         ostudy = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
-    with ResultsStore(study_dir / "results.db") as store:
+    with ResultsStore(layout.results_db) as store:
         srow = store.get_or_create_study(name, backbone=backbone, budget=BUDGET, objectives=objectives,
                                          data=json.dumps(data), weights="proxy-pretrained", settings=settings)
         for number, variant, cfg, state in trials:

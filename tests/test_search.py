@@ -228,12 +228,13 @@ def test_smoke_search_records_everything(smoke_run):
         assert meas["environment_id"].notna().all()
         env = store.environment(int(meas["environment_id"].iloc[0]))
         assert env["torch"] and env["device"] == "cpu"
-    import json
+    from tpsexplore.manifest import StudyLayout, read_manifest
 
-    info_json = json.loads((d / "study.json").read_text())
-    assert info_json["data"]["source"] == "cluttered" and info_json["data"]["proxy"]["name"] == "cluttered" and info_json["weights"]["kind"] == "proxy-pretrained"
-    assert info_json["optuna_storage"].endswith("optuna.journal")
-    assert info_json["methods"] == ["etps", "tome", "similarity+squeeze", "random"]
+    manifest = read_manifest(StudyLayout(d))
+    assert manifest.data.kind == "proxy" and manifest.data.details["source"] == "cluttered"
+    assert manifest.data.details["proxy"]["name"] == "cluttered" and manifest.weights.source == "proxy-pretrained"
+    assert manifest.storage.kind == "journal" and manifest.storage.display.endswith("optuna.journal")
+    assert manifest.extra["methods"] == ["etps", "tome", "similarity+squeeze", "random"]
     feasible = frame[(frame["state"] == "complete") & (frame["feasible"])]
     assert len(feasible) >= 3
 
@@ -279,7 +280,8 @@ def test_trial_that_raises_is_recorded_and_the_study_goes_on(proxy_cache, tmp_pa
     assert "lr = 1e12" in text
     study.write_text(text.replace('study_name = "smoke"', 'study_name = "nan"'))
     rc = main(["search", "--study", str(study), "--out", str(tmp_path / "o"), "--trials", "3", "--quiet"])
-    assert rc == 0
+    assert rc == 1  # the search ran but no trial completed (issue 11): exit 1 with a one-line summary
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("search: 0 of 3 trials completed (3 failed")
     frame = _frame(tmp_path / "o" / "nan")
     assert len(frame) == 3 and (frame["state"] == "failed").all()
     assert frame["reason"].str.contains("FloatingPointError: loss").all()
@@ -292,7 +294,7 @@ def test_trial_that_raises_is_recorded_and_the_study_goes_on(proxy_cache, tmp_pa
     (["--budget", "1.5"], "budget: 1.5 is outside (0, 1]"),
     (["--budget", "-0.2"], "budget: -0.2 is outside (0, 1]"),
     (["--methods", "etps,nosuchmethod"], "methods: unknown method 'nosuchmethod'"),
-    (["--max-stages", "5"], "max_stages: 5 is outside 1..4"),
+    (["--max-stages", "5"], "--max-stages: 5 is outside 1..4"),  # the CLI names its flag, not the field
     (["--storage", "sqlite:///x.db", "--workers", "2"], "storage: a SQLite URL"),
 ])
 def test_bad_flags_exit_2_one_line_db_untouched(smoke_run, capsys, args, needle):
@@ -463,7 +465,7 @@ def test_postgresql_optuna_storage(proxy_cache, postgres_url, tmp_path, capsys):
     assert len([t for t in trials if t.state.is_finished()]) == 5
     frame = _frame(tmp_path / "pg_smoke")
     assert sorted(frame["number"]) == sorted(t.number for t in trials if t.state.is_finished())
-    assert "postgresql" in (tmp_path / "pg_smoke" / "study.json").read_text()
+    assert "postgresql" in (tmp_path / "pg_smoke" / "study.json").read_text()  # the manifest's storage
     assert not (tmp_path / "pg_smoke" / "optuna.journal").exists()
     # the same command again: nothing left to do, nothing duplicated
     assert main(args) == 0

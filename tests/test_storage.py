@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from tpsexplore.storage import (SCHEMA_VERSION, CorruptDatabaseError, ResultsStore, SchemaVersionError, StoreError,
-                                StudyMismatchError, measurement_column)
+from tpsexplore.storage import (SCHEMA_VERSION, CorruptDatabaseError, ForeignDatabaseError, ResultsStore,
+                                SchemaVersionError, StoreError, StudyMismatchError, measurement_column)
 
 CONFIG = {"method": "etps", "locations": [1, 4, 7], "keep_ratios": [0.5], "treatment": None, "seed": 0}
 ENV = {"cpu": "test-cpu", "torch": "2.x", "cuda": None}
@@ -188,11 +188,14 @@ def test_other_schema_versions_are_refused(tmp_path):
         raw.execute("CREATE TABLE tpsx_trials (id INTEGER PRIMARY KEY, x TEXT)")
     with pytest.raises(SchemaVersionError, match="no 'tpsx_meta' table"):
         ResultsStore(foreign)
-    unrelated = tmp_path / "unrelated.db"  # a SQLite file with other tables only: ours are added beside them
+    unrelated = tmp_path / "unrelated.db"  # another program's database: refused read-only, never written
     with sqlite3.connect(unrelated) as raw:
         raw.execute("CREATE TABLE notes (t TEXT)")
-    with ResultsStore(unrelated) as store:
-        assert store.studies() == []
+    before = unrelated.read_bytes()
+    with pytest.raises(ForeignDatabaseError, match=r"holds tables tpsexplore did not write \(notes\)"):
+        ResultsStore(unrelated)
+    assert unrelated.read_bytes() == before
+    assert not any(p.name.startswith("unrelated.db-") for p in tmp_path.iterdir())  # no -wal / -shm
 
 
 def test_study_with_other_settings_is_refused(tmp_path):

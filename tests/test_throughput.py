@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -165,7 +166,12 @@ def test_measure_pair_speedup_ratio():
     assert [(s.dtype, s.requested_batch_size, s.batch_size) for s in pair.speedups] == [("fp32", 1, 1), ("fp32", 4, 4)]
     for s, b, m in zip(pair.speedups, pair.baseline, pair.model):
         assert s.baseline_images_per_s == b.images_per_s and s.images_per_s == m.images_per_s
-        assert s.speedup == pytest.approx(m.images_per_s / b.images_per_s) and s.note is None
+        # the median of the adjacent window-pair ratios (B0 M0 B1 M1 ...), 2n - 1 of them
+        w_b, w_m = b.window_images_per_s, m.window_images_per_s
+        expected = [w_m[i] / w_b[j] for i in range(len(w_m)) for j in (i, i + 1) if j < len(w_b)]
+        assert s.window_ratios == pytest.approx(expected) and len(expected) == 2 * b.windows - 1
+        assert s.speedup == pytest.approx(statistics.median(expected)) and s.note is None
+        assert min(expected) <= s.speedup <= max(expected)
     # one block instead of six: the ratio must point the right way (not a speed goal, a sign check)
     assert pair.speedup(4, "fp32") > 1.2
     with pytest.raises(KeyError):

@@ -59,6 +59,23 @@ def resolve_name(name: str) -> str:
     return timm_name
 
 
+def vit_name(name: str) -> str:
+    """`resolve_name`, and check that the model is a timm VisionTransformer (built on the meta device: no
+    weights, no init cost), so a ResNet fails with one line naming it before anything is built or written."""
+    timm_name = resolve_name(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(timm_name, pretrained=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to build becomes one clear message
+        raise ValueError(f"backbone: {name!r} ({timm_name}) cannot be built by timm "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"backbone: {name!r} builds a {type(model).__name__}, not a timm "
+                         f"VisionTransformer; allowed: {', '.join(SHORT_NAMES)} or any timm VisionTransformer name "
+                         "(e.g. deit3_small_patch16_224)")
+    return timm_name
+
+
 def create_backbone(
     name: str,
     weights: str = "pretrained",
@@ -76,7 +93,7 @@ def create_backbone(
     """
     spec = BackboneSpec(name, weights, str(checkpoint) if checkpoint else None, img_size, patch_size, num_classes)
     kwargs = {**spec.overrides(), **timm_kwargs}
-    timm_name = spec.timm_name
+    timm_name = vit_name(name)
     if spec.weights == "pretrained":
         cached = _cached_hub_file(timm_name)
         if cached is not None:  # in the local hub cache: no network needed
@@ -148,11 +165,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file: one line naming it
+            raise ValueError(f"checkpoint: {str(p)!r} is not a readable .safetensors file "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"checkpoint: {str(p)!r} is not a readable .pth/.pt/.safetensors file ({exc})") from None
+        raise ValueError(f"checkpoint: {str(p)!r} is not a readable .pth/.pt/.safetensors file "
+                         f"({' '.join(str(exc).split())[:200]})") from None
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -186,7 +208,11 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
         if shapes:
             parts.append(f"shape mismatch {_brief(shapes)}")
         raise ValueError(f"checkpoint: {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied: one line naming the file
+        raise ValueError(f"checkpoint: {str(path)!r} does not load into {type(model).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
 
 
 def _brief(items: list[str], n: int = 6) -> str:

@@ -163,9 +163,9 @@ def geometry(backbone_name: str, img_size: int | None = None, patch_size: int | 
     """Geometry of a backbone by name (short names too), built on the `meta` device: no weights, no init cost."""
     import timm
 
-    from ..backbones import resolve_name
+    from ..backbones import vit_name
 
-    timm_name = resolve_name(backbone_name)
+    timm_name = vit_name(backbone_name)  # a non-ViT fails here with one line naming it
     overrides = {k: v for k, v in
                  (("img_size", img_size), ("patch_size", patch_size), ("num_classes", num_classes)) if v is not None}
     with torch.device("meta"):

@@ -15,9 +15,9 @@ import torch
 
 from ..backbones import create_backbone
 from ..reduce import ReductionConfig, apply
-from ..reduce.schedule import distinct_counts
+from ..reduce.schedule import check_merge_r, distinct_counts
 from ..stats import Accuracy, PairedDifference, PairedTest, format_accuracy, format_difference, paired_difference
-from .data import DataSpec, build_datasets
+from .data import DataSpec, build_datasets, chance_warning
 from .environment import environment_info
 from .flops import analytic_macs, analytic_params, geometry, geometry_from_model, traced_macs
 from .throughput import Speedup, ThroughputConfig, ThroughputResult, measure_pair, resolve_device
@@ -97,8 +97,13 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     """Measure one config beside its unreduced baseline; every number carries how it was obtained."""
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    cfg.reduction.validate(geometry(cfg.backbone).depth)  # bad locations fail before any training or loading
+    geo0 = geometry(cfg.backbone)  # a non-ViT backbone fails here, with one line naming it
+    cfg.reduction.validate(geo0.depth)  # bad locations fail before any training or loading
+    if cfg.data is not None:  # the proxy changes the geometry; apply() checks r there
+        check_merge_r(cfg.reduction, geo0.num_patches, geo0.depth)
     baseline, train, val, data_info, weights = load_model_and_data(cfg)
+    for warning in data_info.get("warnings", []):
+        print(f"[profile] warning: {warning}", file=sys.stderr)
     baseline.eval()
     geo = geometry_from_model(baseline)
     model = apply(copy.deepcopy(baseline), cfg.reduction).eval()
@@ -128,6 +133,10 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
     result["speedups"] = [asdict(s) for s in pair.speedups]
     _say(cfg, "evaluating zero-shot accuracy (no fine-tune)")
     base = evaluate(baseline, val, progress=cfg.progress, device=device)
+    chance = chance_warning(base["correct1"], base["n"], int(data_info.get("num_classes") or 0))
+    if chance:  # loud, and kept in the result
+        print(f"[profile] WARNING: {chance}", file=sys.stderr)
+        data_info.setdefault("warnings", []).append(chance)
     result["accuracy"] = {"baseline": _accuracy_entry(base),
                           "zero_shot": _accuracy_entry(evaluate(model, val, progress=cfg.progress, device=device), base)}
     if cfg.finetune_steps:

@@ -5,8 +5,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..reduce import ReductionConfig
-from .profile import ProfileConfig, format_profile, profile
+from .options import add_data_weights_arguments, check_data_weights
+
+#: error-message fields that are set by a flag of another name (`tpsexplore.cli` names the flag)
+FIELD_FLAGS = {"keep_ratios": "keep"}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -31,12 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--treatment", default=None, help="drop, fuse or squeeze (default: the method's own)")
     p.add_argument("--r", type=int, default=0, help="ToMe: tokens merged per block")
     p.add_argument("--r-inflection", type=float, default=0.0, help="ToMe: (r, inflection) schedule")
-    p.add_argument("--data", default=None, help="ImageFolder (train/, val/) or images + labels.csv; "
-                                                "default: the offline digits proxy task")
-    p.add_argument("--labels", default=None, help="labels file for a flat image folder")
-    p.add_argument("--checkpoint", default=None, help="local weights (.pth/.pt/.safetensors)")
-    p.add_argument("--weights", default="pretrained", choices=("pretrained", "checkpoint", "random"),
-                   help="with --data: where the weights come from")
+    add_data_weights_arguments(p)  # the same as `tpsexplore search`
     p.add_argument("--finetune-steps", type=int, default=50)
     p.add_argument("--distill", action="store_true", help="distil from the unreduced model while fine-tuning")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -49,17 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..reduce import ReductionConfig
+    from .profile import ProfileConfig, format_profile, profile
+
     reduction = ReductionConfig(method=args.method, locations=args.locations, keep_ratios=args.keep,
                                 treatment=args.treatment, r=args.r, r_inflection=args.r_inflection)
-    if args.data is not None and not Path(args.data).exists():
-        raise FileNotFoundError(f"data: {args.data!r} does not exist")
+    weights = check_data_weights(args.data, args.labels, args.weights, args.checkpoint)
     if args.json:
         out = Path(args.json)
         if not out.parent.exists():
             raise FileNotFoundError(f"json: folder {str(out.parent)!r} does not exist")
     cfg = ProfileConfig(
         backbone=args.backbone, reduction=reduction, data=args.data, labels=args.labels,
-        checkpoint=args.checkpoint, weights="checkpoint" if args.checkpoint else args.weights,
+        checkpoint=args.checkpoint, weights=weights,
         finetune_steps=args.finetune_steps, distill=args.distill, device=args.device,
         batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
         val_limit=args.val_limit, seed=args.seed, progress=not args.quiet)

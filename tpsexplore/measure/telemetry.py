@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import failure_text
+
 # NVML clock event ("throttle") reason bits, as in nvml.h (nvmlClocksEventReason* / nvmlClocksThrottleReason*).
 THROTTLE_REASONS: tuple[tuple[int, str], ...] = (
     (0x0001, "gpu_idle"),
@@ -127,11 +129,6 @@ def _load_avg() -> float | None:
         return None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -161,11 +158,11 @@ class EnergyMeter:
             self.method = ENERGY_COUNTER
             return
         except self._nvml.NVMLError as exc:
-            self.error = f"total energy counter: {_one_line(exc)}"
+            self.error = f"total energy counter: {failure_text(exc)}"
         try:
             self._samples = [(time.perf_counter(), self._power_w())]
         except self._nvml.NVMLError as exc:
-            self.error = f"{self.error}; power usage: {_one_line(exc)}"
+            self.error = f"{self.error}; power usage: {failure_text(exc)}"
             return
         self.method = ENERGY_POWER_SAMPLES
         self._stop.clear()
@@ -177,7 +174,7 @@ class EnergyMeter:
             try:
                 return (self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._e0_mj) / 1000.0
             except self._nvml.NVMLError as exc:
-                self.error, self.method = f"total energy counter: {_one_line(exc)}", None
+                self.error, self.method = f"total energy counter: {failure_text(exc)}", None
                 return None
         if self.method == ENERGY_POWER_SAMPLES and self._thread is not None:
             self._stop.set()
@@ -226,19 +223,19 @@ class TelemetrySession:
         try:
             import pynvml
         except ImportError as exc:
-            self.nvml_error = f"pynvml not importable (install nvidia-ml-py): {_one_line(exc)}"
+            self.nvml_error = f"pynvml not importable (install nvidia-ml-py): {failure_text(exc)}"
             return self
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
-            self.nvml_error = f"nvmlInit failed: {_one_line(exc)}"
+            self.nvml_error = f"nvmlInit failed: {failure_text(exc)}"
             return self
         self._initialised = True
         try:
             self._handle = _nvml_handle(pynvml, self.device.index or 0)
             self._nvml = pynvml
         except (pynvml.NVMLError, LookupError, RuntimeError) as exc:
-            self.nvml_error = f"no NVML handle for {self.device}: {_one_line(exc)}"
+            self.nvml_error = f"no NVML handle for {self.device}: {failure_text(exc)}"
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

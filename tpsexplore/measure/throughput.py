@@ -42,9 +42,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from .telemetry import Contention, ContentionMonitor, Telemetry, TelemetrySession, _one_line
+from ..progressbar import progress_bar
+from ..errors import failure_text
+from .telemetry import Contention, ContentionMonitor, Telemetry, TelemetrySession
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATUSES = ("ok", "oom", "unsupported", "error")
@@ -253,7 +254,12 @@ class ThroughputResult:
 
 @dataclass
 class Speedup:
-    """Throughput ratio model / baseline for one (dtype, requested batch size), at a batch both ran."""
+    """Throughput ratio model / baseline for one (dtype, requested batch size), at a batch both ran.
+
+    speedup is the median of the window-pair ratios (`window_ratios`), not the ratio of the two medians: each
+    model window is compared with the baseline windows right before and after it, so a load change during
+    the cell moves both sides of every ratio alike. The ratios' min and max give the spread.
+    """
 
     dtype: str
     requested_batch_size: int
@@ -262,6 +268,7 @@ class Speedup:
     images_per_s: float | None
     speedup: float | None
     note: str | None = None
+    window_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -571,7 +578,7 @@ def _new_result(label: str, batch: int, requested: int, dtype: str, shape: tuple
 
 def _record_failure(result: ThroughputResult, exc: BaseException, ctx: _Run) -> None:
     """Status and one-line error of a failed measurement; its figures cleared, CUDA memory released."""
-    msg = _one_line(exc)
+    msg = failure_text(exc)
     if isinstance(exc, _Unsupported):
         result.status = "unsupported"
     elif _is_oom(exc):
@@ -698,7 +705,7 @@ def _prepared(models: Sequence[nn.Module], device: torch.device) -> Iterator[Non
 
 def _grid(cfg: ThroughputConfig, label: str) -> Iterator[tuple[str, int]]:
     cells = [(d, b) for d in cfg.dtypes for b in cfg.batch_sizes]
-    yield from tqdm(cells, desc=f"throughput {label}", file=sys.stderr, disable=not cfg.progress, leave=False)
+    yield from progress_bar(cells, desc=f"throughput {label}", unit="cell", file=sys.stderr, disable=not cfg.progress)
 
 
 def measure_throughput(model: nn.Module, config: ThroughputConfig | None = None, *,
@@ -771,5 +778,20 @@ def _speedup(dtype: str, requested: int, b_ok: ThroughputResult | None, m_ok: Th
         return Speedup(dtype, requested, None, b_ok.images_per_s if b_ok else None,
                        m_ok.images_per_s if m_ok else None, None, note)
     note = None if b_ok.batch_size == requested else f"batch {requested} did not fit; compared at {b_ok.batch_size}"
+    ratios = window_pair_ratios(b_ok.window_images_per_s, m_ok.window_images_per_s)
     return Speedup(dtype, requested, b_ok.batch_size, b_ok.images_per_s, m_ok.images_per_s,
-                   m_ok.images_per_s / b_ok.images_per_s, note)
+                   statistics.median(ratios) if ratios else m_ok.images_per_s / b_ok.images_per_s, note, ratios)
+
+
+def window_pair_ratios(baseline: Sequence[float], model: Sequence[float]) -> list[float]:
+    """model / baseline for every pair of adjacent windows of the interleaved run B0 M0 B1 M1 ... .
+
+    Model window i is paired with baseline window i (just before it) and i + 1 (just after it), so that
+    each ratio spans about two windows of machine time; 2n - 1 ratios for n windows a side. Empty when the
+    windows do not interleave that way (different counts).
+    """
+    if not baseline or len(baseline) != len(model):
+        return []
+    before = [m / b for b, m in zip(baseline, model)]
+    after = [m / b for b, m in zip(baseline[1:], model)]
+    return [r for pair in zip(before, after + [None]) for r in pair if r is not None]

@@ -22,9 +22,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..backbones import BackboneSpec, create_backbone, resolve_name
+from ..manifest import atomic_write
+from ..progressbar import progress_bar
 from .data import PROXIES, PROXY_IMG_SIZE, PROXY_NAME, PROXY_PATCH_SIZE, PROXY_VERSIONS, DataSpec, TensorData, \
     build_datasets, proxy_model_kwargs
 from .throughput import resolve_device
@@ -156,8 +157,7 @@ def finetune(model: torch.nn.Module, train: Dataset, val: Dataset | None = None,
         gen = torch.Generator().manual_seed(cfg.seed)
         batches = _train_batches(train, cfg.batch_size, gen, cfg.num_workers, device)
         model.train()
-        bar = tqdm(total=total, desc=cfg.desc, disable=not cfg.progress, file=sys.stderr, leave=False,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=total, desc=cfg.desc, unit="step", disable=not cfg.progress, file=sys.stderr)
         try:
             for step in range(total):
                 x, y = next(batches)
@@ -302,8 +302,8 @@ def evaluate(model: torch.nn.Module, val: Dataset, batch_size: int = 256, *, pro
     total = math.ceil(len(val) / batch_size)
     try:
         with torch.inference_mode(), _autocast(device, amp_dtype):
-            for x, y in tqdm(batches, total=total, desc="evaluate", disable=not progress, file=sys.stderr,
-                             leave=False, dynamic_ncols=True):
+            for x, y in progress_bar(batches, total=total, desc="evaluate", unit="batch", disable=not progress,
+                                     file=sys.stderr):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
                 k = min(5, logits.shape[-1])
@@ -394,9 +394,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TPSEXPLORE_CACHE") or Path.home() / ".cache" / "tpsexplore")
 
 
+def resolve_proxy_config(name: str, cfg: ProxyConfig) -> ProxyConfig:
+    """``cfg`` with its defaults that depend on the backbone filled in (``lr`` None: `proxy_lr` of the width).
+
+    The cache key is taken over the resolved config, so the search's fingerprint (computed before any
+    training) and `proxy_backbone` name the same checkpoint.
+    """
+    if cfg.lr is not None:
+        return cfg
+    with torch.device("meta"):  # no weights, no init cost: only the width is needed
+        model = create_backbone(name, weights="random",
+                                **{**proxy_model_kwargs(cfg.img_size, cfg.patch_size), **cfg.model_kwargs})
+    return replace(cfg, lr=proxy_lr(model.embed_dim))
+
+
 def proxy_cache_path(name: str, seed: int, cache_dir: str | Path, cfg: ProxyConfig) -> Path:
     """The checkpoint path, keyed by backbone, the proxy's definition (name, version: a change to the
-    images bumps `PROXY_VERSIONS`), data and geometry, schedule and seed."""
+    images bumps `PROXY_VERSIONS`), data and geometry, schedule (resolved: `resolve_proxy_config`) and seed."""
+    cfg = resolve_proxy_config(name, cfg)
     timm_name = resolve_name(name)
     key = {"version": PROXY_CACHE_VERSION, "proxy_version": PROXY_VERSIONS[cfg.proxy], "timm_name": timm_name,
            "seed": seed, "data": cfg.data_spec(seed).to_dict(),
@@ -419,8 +434,7 @@ def proxy_backbone(name: str, seed: int = 0, cache_dir: str | Path | None = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the random init is part of what the cache key's seed fixes
         model = create_backbone(name, weights="random", **overrides)
-    if cfg.lr is None:
-        cfg = replace(cfg, lr=proxy_lr(model.embed_dim))
+    cfg = resolve_proxy_config(name, cfg)
     note = proxy_weights_note(cfg.proxy)
     path = proxy_cache_path(name, seed, cache_dir, cfg)
     if path.is_file():
@@ -486,18 +500,8 @@ def _mark_proxy(model: torch.nn.Module, name: str, path: Path, cfg: ProxyConfig)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save through `tpsexplore.manifest.atomic_write`: readers never see a partial file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -41,11 +41,33 @@ class ReductionConfig:
         object.__setattr__(self, "locations", _int_tuple(self.locations, "locations"))
         object.__setattr__(self, "keep_ratios", _float_tuple(self.keep_ratios, "keep_ratios"))
         object.__setattr__(self, "r_schedule", _int_tuple(self.r_schedule, "r_schedule"))
+        for name in ("r", "seed"):  # numpy integers and integral floats (from tables) become ints
+            value = getattr(self, name)
+            if not isinstance(value, bool) and (hasattr(value, "__index__") or
+                                                (isinstance(value, float) and value.is_integer())):
+                object.__setattr__(self, name, int(value))
+        for name in ("r_inflection", "temperature", "diversity"):  # numpy floats become floats
+            value = getattr(self, name)
+            if not isinstance(value, (bool, str)) and hasattr(value, "__float__") and type(value).__name__ != "bool_":
+                object.__setattr__(self, name, float(value))
+        if type(self.similarity_with_pos).__name__ == "bool_":
+            object.__setattr__(self, "similarity_with_pos", bool(self.similarity_with_pos))
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self, depth: int | None = None) -> "ReductionConfig":
         """Raise ValueError naming the bad field; with ``depth``, also check locations against the model."""
+        for name in ("r", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}: {value!r} is not an integer")
+        for name in ("r_inflection", "temperature", "diversity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: {value!r} is not a finite number")
+        for name in ("similarity_with_pos",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not true or false")
         if self.method == "none":
             if self.locations or self.keep_ratios or self.r or self.r_schedule:
                 raise ValueError("method: 'none' takes no locations, keep_ratios or r")
@@ -63,7 +85,7 @@ class ReductionConfig:
         if depth is not None and any(loc >= depth for loc in locs):
             raise ValueError(f"locations: {list(locs)} out of range; allowed 0..{depth - 1} for a {depth}-block model")
         for k in self.keep_ratios:
-            if not (0.0 < k <= 1.0) or math.isnan(k):
+            if not (0.0 < k <= 1.0) or not math.isfinite(k):
                 raise ValueError(f"keep_ratios: {k} is outside (0, 1]")
         if not self.temperature > 0:
             raise ValueError(f"temperature: {self.temperature} must be > 0")
@@ -176,13 +198,26 @@ class ReductionConfig:
         """Parse JSON text or a file; a deployment config's ``reduction`` section is accepted too."""
         p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         text = p.read_text() if p is not None else str(text_or_path)
-        data = json.loads(text)
+        data = parse_json(text, str(p) if p is not None else "config")
         if "reduction" in data and isinstance(data["reduction"], dict):
             data = data["reduction"]
         return cls.from_dict(data)
 
     def with_(self, **changes: Any) -> "ReductionConfig":
         return replace(self, **changes)
+
+
+def parse_json(text: str, source: str) -> dict[str, Any]:
+    """A JSON object from ``text``; malformed JSON is one ValueError naming ``source`` and the position."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config: {source!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
+                         f"(char {e.pos})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {source!r} holds a JSON {type(data).__name__}, not an object of "
+                         "ReductionConfig fields")
+    return data
 
 
 def _int_tuple(value: Any, name: str) -> tuple[int, ...]:

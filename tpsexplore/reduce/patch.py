@@ -19,9 +19,9 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import ops
-from .config import ReductionConfig
+from .config import ReductionConfig, parse_json
 from .modules import ReductionStage
-from .schedule import token_schedule
+from .schedule import check_merge_r, token_schedule
 
 Tensor = torch.Tensor
 
@@ -79,7 +79,7 @@ class TokenReductionMixin:
         b, n, _ = x.shape
         p = self.num_prefix_tokens
         state = TokenState(x=x, ids=torch.arange(n, device=x.device).expand(b, n), num_prefix=p,
-                           grid_width=self.patch_embed.grid_size[1])
+                           grid_width=self.patch_embed.grid_size[1], info=ReductionInfo())  # explicit: compilable
         if self.tps_options.get("track_sources"):
             state.source = torch.eye(n, device=x.device, dtype=torch.float32).expand(b, n, n)
         if cfg.spec is not None and cfg.spec.policy == "similarity" and not cfg.similarity_with_pos \
@@ -291,6 +291,7 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
     p = model.num_prefix_tokens
     num_patches = model.patch_embed.num_patches
     sched = token_schedule(config, num_patches=num_patches, num_prefix=p, depth=depth)  # validates the config
+    check_merge_r(config, num_patches, depth)  # a ToMe r no block can merge is refused, not clamped silently
     if expected_backbone:
         actual = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
             getattr(model, "default_cfg", {}).get("architecture")
@@ -393,12 +394,13 @@ def _coerce_config(config) -> tuple[ReductionConfig, str | None]:
         data = config
     else:
         text = str(config)
+        source = "config"
         if not text.lstrip().startswith("{"):
             path = Path(text)
             if not path.is_file():
                 raise FileNotFoundError(f"config: {text!r} does not exist")
-            text = path.read_text()
-        data = json.loads(text)
+            text, source = path.read_text(), text
+        data = parse_json(text, source)
     backbone = None
     if isinstance(data.get("reduction"), dict):
         backbone = (data.get("backbone") or {}).get("timm_name") if isinstance(data.get("backbone"), dict) \

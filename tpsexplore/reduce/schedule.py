@@ -67,6 +67,40 @@ def ceil_keep(n: int, ratio: float) -> int:
     return max(1, math.ceil(ratio * n - _EPS))
 
 
+def max_merge_r(num_patches: int) -> int:
+    """The largest r a ToMe block can merge: half of the patch tokens (every larger r acts as this one)."""
+    return num_patches // 2
+
+
+def check_merge_r(config: ReductionConfig, num_patches: int, depth: int) -> None:
+    """Refuse a ToMe config whose r no block can merge, instead of clamping it without a word.
+
+    ToMe merges at most half of a block's tokens, so a per-block r above ``num_patches // 2`` is always cut
+    down. Refused (ValueError naming the allowed maximum): a constant ``r``, or an ``r_schedule`` entry, above
+    that limit, and an (r, inflection) schedule whose every block asks for more. Schedules that ask a late block
+    for more than its remaining tokens allow stay as ToMe defines them (ToMe's r=16 on DeiT does that).
+    """
+    if config.spec is None or config.spec.policy != "merge":
+        return
+    limit = max_merge_r(num_patches)
+    if config.r_schedule:
+        for i, r in enumerate(config.r_schedule):
+            if r > limit:
+                raise ValueError(f"r_schedule: {r} at block {i} is more than a block can merge; at most {limit} "
+                                 f"for {num_patches} patch tokens (ToMe merges at most half of a block's tokens)")
+        return
+    asked = [r for i, r in enumerate(config.merge_schedule(depth))
+             if not config.locations or i in config.locations]
+    if asked and min(asked) > limit:
+        allowed = config.r
+        while allowed > 0 and min(r for i, r in enumerate(config.with_(r=allowed - 1).merge_schedule(depth))
+                                  if not config.locations or i in config.locations) >= limit:
+            allowed -= 1
+        how = f" with r_inflection {config.r_inflection:g}" if config.r_inflection else ""
+        raise ValueError(f"r: {config.r} is more than a block can merge; at most {allowed}{how} for "
+                         f"{num_patches} patch tokens (ToMe merges at most half of a block's tokens)")
+
+
 def token_schedule(config: ReductionConfig, num_patches: int = 196, num_prefix: int = 1,
                    depth: int = 12) -> TokenSchedule:
     """Per-block (attention tokens, MLP tokens) for ``config`` on a ViT with the given geometry."""

@@ -12,15 +12,26 @@ Notebook API::
 
 Every plotting function returns a ``matplotlib.figure.Figure`` and changes no global state.
 """
-from .build import Report, build_report
-from .export import deployment_config, export_trial, load_deployment, select_trial, trial_config
-from .frame import StudyData, compare_trials, load_trials, open_study
-from .importance import load_optuna_study, param_importances
-from .keepmaps import compute_keep_maps, plot_keep_maps
-from .pareto import hypervolume, hypervolume_history, pareto_front, pareto_mask, parse_objectives
-from .plots import (best_within_budget, method_palette, plot_budget_sweep, plot_hypervolume, plot_importance,
-                    plot_method_fronts, plot_published, plot_tradeoff, treatment_groups)
-from .published import PUBLISHED, published_points
+from __future__ import annotations
+
+import importlib
+
+# Imported on first use (PEP 562), so `tpsexplore report --help` (tpsexplore.report.cli) does not pay for torch,
+# pandas and matplotlib.
+_EXPORTS = {
+    "Report": ".build", "build_report": ".build",
+    "deployment_config": ".export", "export_trial": ".export", "load_deployment": ".export",
+    "select_trial": ".export", "trial_config": ".export",
+    "StudyData": ".frame", "compare_trials": ".frame", "load_trials": ".frame", "open_study": ".frame",
+    "load_optuna_study": ".importance", "param_importances": ".importance",
+    "compute_keep_maps": ".keepmaps", "plot_keep_maps": ".keepmaps",
+    "hypervolume": ".pareto", "hypervolume_history": ".pareto", "pareto_front": ".pareto", "pareto_mask": ".pareto",
+    "parse_objectives": ".pareto",
+    "best_within_budget": ".plots", "method_palette": ".plots", "plot_budget_sweep": ".plots",
+    "plot_hypervolume": ".plots", "plot_importance": ".plots", "plot_method_fronts": ".plots",
+    "plot_published": ".plots", "plot_tradeoff": ".plots", "treatment_groups": ".plots",
+    "PUBLISHED": ".published", "published_points": ".published",
+}
 
 __all__ = [
     "PUBLISHED", "Report", "StudyData", "best_within_budget", "build_report", "compare_trials", "compute_keep_maps",
@@ -30,3 +41,13 @@ __all__ = [
     "plot_keep_maps", "plot_method_fronts", "plot_published", "plot_tradeoff", "published_points",
     "select_trial", "trial_config", "treatment_groups",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

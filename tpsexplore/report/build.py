@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-from tqdm import tqdm
 
-from .frame import StudyData, data_kind, measurement_columns, open_study, runtime_columns
+from ..progressbar import progress_bar
+from .frame import StudyData, measurement_columns, open_study, runtime_columns
 from .pareto import pareto_front, parse_objectives
-from .published import published_backbone, published_points
+from .published import baseline_at_chance, published_backbone, published_points
 from .tables import fidelity_name, headline_rows, speed_flags_table, summary_table
 
 
@@ -95,45 +95,31 @@ def _env_summary(env: dict[str, Any]) -> str:
 
 def provenance(data: StudyData, envs: dict[int, dict[str, Any]]) -> list[tuple[str, str]]:
     """(field, value) rows of the report header."""
-    s = data.settings
+    m = data.manifest
     bb = data.backbone_description()
     geo = ", ".join(f"{k}={bb[k]}" for k in ("img_size", "patch_size", "num_classes", "depth", "embed_dim",
                                                    "num_heads") if bb.get(k) is not None)
     d = data.data
-    if isinstance(d, dict):
-        kind = "proxy" if data.is_proxy else "real"
-        bits = [f"{kind}"] + [f"{k}={d[k]}" for k in ("source", "path", "num_classes", "n_train", "n_val", "img_size",
+    bits = [m.data.kind] + [f"{k}={d[k]}" for k in ("source", "path", "num_classes", "n_train", "n_val", "img_size",
                                                      "num_patches") if d.get(k) is not None]
-        if d.get("note"):
-            bits.append(str(d["note"]))
-        data_text = "; ".join(bits)
-    else:
-        data_text = f"{'proxy' if data.is_proxy else 'real'}: {d}"
-    w = s.get("weights")
-    if isinstance(w, dict):
-        w_text = "; ".join(f"{k}={w[k]}" for k in ("weights", "kind", "weights_note", "checkpoint", "val_top1",
-                                                   "epochs") if w.get(k) is not None) or str(w)
-    else:
-        w_text = str(w)
-    fid = s.get("fidelity")
+    if d.get("note"):
+        bits.append(str(d["note"]))
+    data_text = "; ".join(bits)
+    w = m.weights
+    w_text = "; ".join(f"{k}={v}" for k, v in (("source", w.source), ("checkpoint", w.checkpoint), ("note", w.note),
+                                                 ("val_top1", w.details.get("val_top1"))) if v is not None)
     acc_col = data.trials.attrs.get("accuracy_column")
-    if isinstance(fid, dict):
-        fid_text = (f"accuracy column {acc_col}; fine-tune steps per trial {fid.get('finetune_steps')}; "
-                    f"zero-shot: {fid.get('zero_shot', '')}")
-    else:
-        fid_text = f"accuracy column {acc_col}" + (f"; {fid}" if fid else "")
-    devices = sorted({str(e.get("device")) for e in envs.values() if e.get("device")}) or \
-        ([str(s["device"])] if s.get("device") else [])
-    versions = s.get("versions") or {}
+    fid_text = (f"accuracy column {acc_col}; fine-tune steps per trial {m.fidelity.finetune_steps}; "
+                "zero-shot: evaluated for every built trial")
+    devices = sorted({str(e.get("device")) for e in envs.values() if e.get("device")}) or [m.device]
+    versions = dict(m.versions)
     if not versions and envs:
         versions = next(iter(envs.values()))
     ver_text = ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None and k != "git_dirty")
     if versions.get("git_dirty"):
         ver_text += " (uncommitted changes)"
-    budget = data.budget
-    bg = data.budget_gmacs
-    budget_text = (f"{budget:g} x baseline GMACs" if budget is not None else "not set") + \
-        (f" = {bg:.4g} GMACs (baseline {data.baseline_gmacs:.4g})" if bg is not None and data.baseline_gmacs else "")
+    b = m.budget
+    budget_text = f"{b.fraction:g} x baseline GMACs = {b.gmacs:.4g} GMACs (baseline {b.baseline_gmacs:.4g})"
     counts = data.trials["state"].value_counts().to_dict() if len(data.trials) else {}
     trials_text = f"{len(data.trials)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     rows = [
@@ -148,10 +134,10 @@ def provenance(data: StudyData, envs: dict[int, dict[str, Any]]) -> list[tuple[s
         ("budget", budget_text),
         ("objectives", ", ".join(data.objectives) or "not recorded"),
         ("trials", trials_text),
-        ("methods", ", ".join(map(str, s.get("methods") or []))
+        ("methods", ", ".join(map(str, m.extra.get("methods") or []))
          or ", ".join(sorted(set(data.trials.get("variant", []))))),
     ]
-    excluded = s.get("excluded_methods") or {}
+    excluded = m.extra.get("excluded_methods") or {}
     if excluded:
         rows.append(("methods left out", "; ".join(f"{k}: {v}" for k, v in excluded.items())))
     return rows
@@ -239,10 +225,10 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if out is None:
         if data.root is None:
             raise ValueError("out: a bare results database has no study directory; give --out DIR")
-        out = data.root / "report"
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {str(out)!r} is a file; give a directory")
+        out = data.layout.report_dir
+    from .writable import check_output_dir
+
+    out = check_output_dir(out, "out")  # before anything is written
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     envs, meas = data.measurements()
@@ -372,14 +358,9 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     def f_published() -> None:
         short = published_backbone(data.backbone_description().get("timm_name")) or \
             published_backbone(data.backbone_description().get("name"))
-        kind = data_kind(data.data)
-        if kind == "proxy":
+        if data.is_proxy:
             skip("published points", "the study ran on the proxy task, not ImageNet: the papers' ImageNet numbers "
                  "are not comparable, so they are not drawn")
-            return
-        if kind == "unknown":
-            skip("published points", f"the study does not say it ran on ImageNet data (data: {data.data}), so the "
-                 "papers' ImageNet numbers are not drawn")
             return
         if not data.is_imagenet:
             skip("published points", "the study's real data is not ImageNet-1k (1,000 classes)")
@@ -395,6 +376,10 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
             return
         if within.empty:
             skip("published points", "no complete reduced trial is within the budget")
+            return
+        at_chance = baseline_at_chance(base, data.data)
+        if at_chance:
+            skip("published points", at_chance)
             return
         pub = published_points(short)
         rep.published = pub
@@ -426,8 +411,8 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
 
         storage = data.optuna_storage
         if not storage:
-            skip("parameter importance", "the study's Optuna storage is not known (no optuna.journal and no "
-                 "storage URL in study.json)")
+            skip("parameter importance", f"the study's Optuna storage is gone (the journal "
+                 f"{data.manifest.storage.display} does not exist)")
             return
         try:
             ostudy = load_optuna_study(storage, data.optuna_study_name)
@@ -463,7 +448,7 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
 
     steps.append(("keep maps", f_keepmaps))
 
-    bar = tqdm(steps, desc="report", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(steps, desc="report", unit="step", disable=not progress)
     for name, step in bar:
         bar.set_postfix_str(name)
         with warnings.catch_warnings():
@@ -518,8 +503,8 @@ def _keep_maps_figure(data: StudyData, n_images: int, n_configs: int) -> tuple[F
     if pool.empty:
         return None, "no complete reduced trial is within the budget"
     if data.root is None:
-        return None, ("a bare results database was given: the keep maps need the study directory (study.json "
-                      "for the data, weights/ for the trials' weights)")
+        return None, ("a bare results database was given: the keep maps need the study directory (its manifest "
+                      "for the data, its weights folder for the trials' weights)")
     # each method's most accurate trial within budget, best methods first: the configs worth deploying
     ranked = pool.sort_values(["accuracy", "gmacs", "number"], ascending=[False, True, True], kind="stable")
     picked = [grp.iloc[0] for _, grp in ranked.groupby("variant", sort=False)][:n_configs]
@@ -562,9 +547,5 @@ def _keep_maps_figure(data: StudyData, n_images: int, n_configs: int) -> tuple[F
 
 
 def _base_checkpoint(data: StudyData) -> Path | None:
-    w = data.settings.get("weights")
-    if isinstance(w, dict):
-        for key in ("checkpoint", "path"):
-            if w.get(key) and Path(str(w[key])).is_file():
-                return Path(str(w[key]))
-    return None
+    ckpt = data.manifest.weights.checkpoint
+    return Path(ckpt) if ckpt and Path(ckpt).is_file() else None

@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from .frame import DB_NAME
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", nargs="?", metavar="STUDY",
@@ -31,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def newest_study(root: Path = Path("runs")) -> Path:
     """The study directory under ``root`` whose results.db changed last."""
+    from .frame import DB_NAME  # here, not at the top: `tpsexplore report --help` must not load pandas
+
     if not root.is_dir():
         raise FileNotFoundError(f"study: no STUDY given and {str(root)!r} does not exist; give a study directory "
                                 "or results database")

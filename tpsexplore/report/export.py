@@ -6,7 +6,8 @@
      "measurements": {"gmacs@analytic": {"value": 0.18, "unit": "GMACs", "fidelity": "analytic", ...}, ...},
      "tokens": [[attention tokens, MLP tokens] per block, on the backbone's geometry],
      "hardware": {...}, "versions": {...},
-     "study": {"name", "path", "results_db", "budget", "objectives", "data", "weights", "fidelity"},
+     "study": {"name", "path", "results_db", "manifest_version", "budget": {"fraction", "gmacs", "baseline_gmacs"},
+               "objectives", "data", "weights", "proxy", "fidelity"}  (from the study manifest),
      "trial": N, "label": "...", "weights": "path or null"}
 
 A trial is chosen by number (``trial=N``) or by a rule: ``pick="max-accuracy"`` with optional limits
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 import os
 import shutil
 from datetime import datetime, timezone
@@ -28,6 +30,7 @@ import pandas as pd
 
 from ..reduce import ReductionConfig, token_schedule
 from .frame import StudyData, open_study, runtime_columns
+from .frame import trial_config as stored_config
 from .model import backbone_geometry, build_model, with_weight_geometry
 
 FORMAT = "tpsexplore-deployment/1"
@@ -159,29 +162,11 @@ def _ranges(nums: list[int]) -> str:
 
 # ----------------------------------------------------------------------------- the config
 def trial_config(row: pd.Series) -> ReductionConfig:
-    """The ReductionConfig stored with a trial (``config.*`` columns of the trials frame)."""
-    from dataclasses import fields
-
-    defaults = {f.name: f.default for f in fields(ReductionConfig)}
-    data: dict[str, Any] = {}
-    for col, value in row.items():
-        if not (isinstance(col, str) and col.startswith("config.")):
-            continue
-        key = col[len("config."):]
-        value = _json_value(value)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue  # a field this trial's config did not set (pandas fills it with NaN)
-        default = defaults.get(key)
-        if isinstance(value, tuple):
-            value = list(value)
-        if isinstance(default, bool):
-            value = bool(value)
-        elif isinstance(default, int) and isinstance(value, float) and value.is_integer():
-            value = int(value)  # pandas turns integer columns with gaps into floats
-        data[key] = value
-    if not data:
+    """The ReductionConfig stored with a trial (its ``config_json``, read back by ``ReductionConfig.from_json``)."""
+    config = stored_config(row)
+    if config is None:
         raise ValueError(f"trial: {row.get('number')} has no stored config")
-    return ReductionConfig.from_dict(data)
+    return config
 
 
 def trial_measurements(data: StudyData, trial_id: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -199,9 +184,9 @@ def trial_measurements(data: StudyData, trial_id: int) -> tuple[dict[str, Any], 
     for content in envs.values():
         env.update(content)
     if not env:
-        env = data.settings.get("environment") or {}
+        env = data.manifest.extra.get("environment") or {}
     hardware = {k: env.get(k) for k in HARDWARE_KEYS if k in env}
-    versions = {k: env.get(k) for k in VERSION_KEYS if k in env} or dict(data.settings.get("versions") or {})
+    versions = {k: env.get(k) for k in VERSION_KEYS if k in env} or dict(data.manifest.versions)
     return out, hardware, versions
 
 
@@ -216,7 +201,7 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
     geo = backbone_geometry(backbone)
     sched = token_schedule(config, geo.num_patches, geo.num_prefix, geo.depth)
     tokens = [list(b) for b in sched.blocks]
-    fidelity = data.settings.get("fidelity")
+    m = data.manifest
     cfg = {
         "format": FORMAT,
         "reduction": config.to_dict(),
@@ -227,9 +212,9 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
         "hardware": hardware,
         "versions": versions,
         "study": {"name": data.name, "path": str(data.root) if data.root else None, "results_db": data.db,
-                  "budget": data.budget, "budget_gmacs": data.budget_gmacs, "objectives": data.objectives,
-                  "data": data.data, "weights": data.settings.get("weights"),
-                  "fidelity": fidelity, "accuracy_column": data.trials.attrs.get("accuracy_column")},
+                  "manifest_version": m.version, "budget": asdict(m.budget), "objectives": m.objective_specs,
+                  "data": asdict(m.data), "weights": asdict(m.weights), "proxy": m.proxy,
+                  "fidelity": asdict(m.fidelity), "accuracy_column": data.trials.attrs.get("accuracy_column")},
         "trial": int(row["number"]),
         "variant": row.get("variant"),
         "trial_weights": str(weights) if weights else None,
@@ -248,6 +233,14 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     ``weights`` also writes the trial's fine-tuned weights there (.safetensors copies the file, .pth/.pt
     saves a torch state dict); ValueError when the study did not keep that trial's weights.
     """
+    from .writable import check_output_file
+
+    if out is not None:  # both targets are checked before anything is copied or written
+        check_output_file(out, "out")
+    if weights is not None:
+        if Path(weights).suffix not in (".safetensors", ".pth", ".pt"):
+            raise ValueError(f"weights: {str(weights)!r} must end in .safetensors, .pth or .pt")
+        check_output_file(weights, "weights")
     data = open_study(study, study_name)
     if trial is None and pick is None:
         pick = "max-accuracy"
@@ -256,7 +249,7 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     number = int(row["number"])
     src = data.weights_path(number)
     if weights is not None and src is None:
-        where = data.root / "weights" if data.root else "the study directory (a bare database was given)"
+        where = data.layout.weights_dir if data.layout else "the study directory (a bare database was given)"
         raise ValueError(f"weights: trial {number} of study {data.name!r} has no saved weights in {where}; "
                          "the search keeps fine-tuned weights of complete fine-tuned trials only")
     cfg = deployment_config(data, row)

@@ -1,19 +1,21 @@
 """Opening a study (a study directory or a results database) and reading its trials as one DataFrame.
 
-A study directory is what ``tpsexplore search`` writes (docs/HELPERS.md, contracts): ``results.db``,
-``optuna.journal``, ``study.json`` and ``weights/trial_<n>.safetensors``. A bare results database (file or
-URL) works too; then the settings come from the store's study row alone and nothing needs the directory.
+A study directory is what ``tpsexplore search`` writes (`tpsexplore.manifest.StudyLayout`): the results store,
+the Optuna journal, the manifest and the trials' weights. Its facts (budget, geometry, objectives, data, weights,
+storage) come from the typed manifest (`tpsexplore.manifest.StudyManifest`), never re-derived from the trials. A
+bare results database (file or URL) works too: the search keeps the same manifest in the store's study settings.
 
 `load_trials` returns the store's ``trials_frame`` plus a few derived columns that every report view uses:
 
-- ``variant``: method, or ``method+treatment`` when a non-default treatment was searched;
+- ``variant``: method, or ``method+treatment`` when a non-default treatment was searched (from the stored
+  ``ReductionConfig`` JSON, column ``config_json``);
 - ``accuracy``: top-1 at the study's fidelity (``accuracy_top1@finetuned`` if the study fine-tuned, else
   ``@zero_shot``; the best-populated one when the study does not say);
 - ``gmacs``: GMACs (``gmacs@analytic``, else ``gmacs@traced``, else the trial's ``analytic_gmacs``);
 - ``is_baseline``: the unreduced reference trial (method ``none``);
 - ``usable``: complete trials with a value in ``accuracy`` and ``gmacs``;
 - ``within_budget``: usable trials that meet the budget (the store's ``feasible`` flag when set, else
-  ``constraint_value <= 0``, else True).
+  ``gmacs <=`` the manifest's budget in GMACs).
 
 `open_study` adds, from the accuracy measurements' counts and per-image correctness (docs/HELPERS.md, issue 9):
 
@@ -34,7 +36,6 @@ Paired comparisons: `StudyData.compare(a, b)` / `compare_trials(study, a, b)`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -45,16 +46,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..search.drift import Reference, drift_flags, paired_speed, reference_from_settings
+from ..manifest import RESULTS_DB, StudyLayout, StudyManifest, read_manifest
+from ..reduce import ReductionConfig
+from ..search.drift import Reference, drift_flags, paired_speed
 from ..search.recommend import (CONFIRMED, Recommendation, TrialRecord, build_record, compare, recommend,
                                 tests_against_best)
 from ..stats import PairedDifference
 from ..storage import ResultsStore, Study
 
-DB_NAME = "results.db"
-JOURNAL_NAME = "optuna.journal"
-SETTINGS_NAME = "study.json"
-WEIGHTS_DIR = "weights"
+DB_NAME = RESULTS_DB  # kept for importers; the name itself lives in tpsexplore.manifest
 ACCURACY_FIDELITIES = ("finetuned", "zero_shot")
 GMACS_COLUMNS = ("gmacs@analytic", "gmacs@traced")
 
@@ -66,24 +66,28 @@ _THROUGHPUT_RE = re.compile(r"^(?P<kind>throughput|latency_ms|speedup|joules_per
 class StudyData:
     """Everything a report or an export reads from one study.
 
-    root: the study directory (None for a bare database); db: the results database path or URL;
-    settings: study.json (or, without it, the store row's settings plus its fields); trials: `load_trials`.
+    root: the study directory (None for a bare database); db: the results database path or URL; manifest: the
+    study's typed manifest (`tpsexplore.manifest.StudyManifest`); trials: `load_trials`.
     """
 
     name: str
     db: str
     root: Path | None
     study: Study
-    settings: dict[str, Any]
+    manifest: StudyManifest
     trials: pd.DataFrame
     records: list[TrialRecord] = field(default_factory=list)
+
+    @property
+    def layout(self) -> StudyLayout | None:
+        return StudyLayout(self.root) if self.root is not None else None
 
     # ------------------------------------------------------------------ accuracy and the recommendation
     @property
     def fidelity(self) -> str:
         """The fidelity of the ``accuracy`` column (``finetuned`` / ``zero_shot``)."""
         col = self.trials.attrs.get("accuracy_column") or ""
-        return col.split("@", 1)[1] if "@" in col else (_accuracy_fidelity(self.settings) or "finetuned")
+        return col.split("@", 1)[1] if "@" in col else self.manifest.fidelity.accuracy
 
     def record(self, number: int) -> TrialRecord:
         """The `TrialRecord` of complete trial ``number`` (ValueError naming the trial otherwise)."""
@@ -125,9 +129,9 @@ class StudyData:
 
     @property
     def reference(self) -> Reference | None:
-        """The study's reference baseline speed (study.json, else the store's study settings), if recorded."""
-        return reference_from_settings(self.settings if self.settings.get("reference") is not None
-                                       else (self.study.settings or {}))
+        """The study's reference baseline speed (the manifest's), if it was measured."""
+        ref = self.manifest.reference
+        return Reference.from_dict(ref) if ref is not None else None
 
     # ------------------------------------------------------------------ provenance
     def measurements(self, trial_id: int | None = None) -> tuple[dict[int, dict[str, Any]], pd.DataFrame]:
@@ -138,84 +142,62 @@ class StudyData:
         return envs, meas
 
     def backbone_description(self) -> dict[str, Any]:
-        """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ...}`` as far as the study says."""
+        """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ..., "weights"}`` from the manifest."""
         from .model import backbone_description
 
-        return backbone_description(self.settings, self.study.backbone)
+        return backbone_description(self.manifest)
 
     @property
-    def data(self) -> Any:
-        d = self.settings.get("data", self.study.data)
-        if isinstance(d, str):
-            try:
-                parsed = json.loads(d)
-                return parsed if isinstance(parsed, dict) else d
-            except ValueError:
-                return d
-        return d
+    def data(self) -> dict[str, Any]:
+        """The data set's details as the search recorded them (path, classes, sizes, split, proxy, ...)."""
+        return dict(self.manifest.data.details)
 
     @property
     def is_proxy(self) -> bool:
-        """True unless the study says it ran on real data."""
-        return data_kind(self.data) != "real"
+        return self.manifest.data.is_proxy
 
     @property
     def is_imagenet(self) -> bool:
-        return is_imagenet(self.data)
+        """Real ImageNet-1k images: real data with 1,000 classes."""
+        return not self.is_proxy and int(self.data.get("num_classes") or self.manifest.geometry.num_classes) == 1000
 
     @property
-    def budget(self) -> float | None:
-        b = self.settings.get("budget", self.study.budget)
-        if isinstance(b, dict):
-            b = b.get("fraction", b.get("value"))
-        try:
-            return None if b is None else float(b)
-        except (TypeError, ValueError):
-            return None
+    def budget(self) -> float:
+        """The budget as a fraction of the baseline's GMACs."""
+        return self.manifest.budget.fraction
+
+    @property
+    def budget_gmacs(self) -> float:
+        """The budget in GMACs, as the search decided it (never rebuilt from the measured baseline)."""
+        return self.manifest.budget.gmacs
+
+    @property
+    def baseline_gmacs(self) -> float:
+        """The unreduced baseline's GMACs the budget was set from."""
+        return self.manifest.budget.baseline_gmacs
 
     @property
     def objectives(self) -> list[str]:
-        o = self.settings.get("objectives") or list(self.study.objectives)
-        if isinstance(o, str):
-            o = [o]
-        out = []
-        for item in o:
-            if isinstance(item, dict):  # {"name": ..., "direction": ...}
-                out.append(f"{item.get('name') or item.get('kind')}:{item.get('direction', 'maximize')}")
-            else:
-                out.append(str(item))
-        return out
+        """``column:direction`` per objective."""
+        return self.manifest.objective_specs
 
     @property
     def optuna_storage(self) -> str | None:
-        """The Optuna storage URL or journal path (study.json, else ``optuna.journal`` beside the database)."""
-        s = self.settings.get("optuna_storage") or self.settings.get("storage")
-        if isinstance(s, dict):
-            s = s.get("url") or s.get("path")
-        local = self.root / JOURNAL_NAME if self.root is not None else None
-        if s:
-            s = str(s).removeprefix("journal:")
-            if "://" in s or Path(s).exists():
-                return s
-            if self.root is not None and (self.root / s).exists():
-                return str(self.root / s)
-            # a study directory that was moved or copied: its journal is still beside results.db
-            return str(local) if local is not None and local.exists() else s
-        return str(local) if local is not None and local.exists() else None
+        """The Optuna storage URL (password hidden) or journal path; a journal of a study directory that was moved
+        or copied is found beside its results store. None when the journal is gone."""
+        storage = self.manifest.storage
+        if not storage.is_journal:
+            return storage.display
+        candidates = [storage.path] + ([self.layout.journal] if self.layout is not None else [])
+        return next((str(p) for p in candidates if p.is_file()), None)
 
     @property
     def optuna_study_name(self) -> str:
-        return str(self.settings.get("optuna_study_name") or self.settings.get("study_name") or self.name)
+        return self.manifest.study
 
     def weights_path(self, number: int) -> Path | None:
         """Path of trial ``number``'s fine-tuned weights when the study kept them, else None."""
-        if self.root is None:
-            return None
-        for ext in (".safetensors", ".pth", ".pt"):
-            p = self.root / WEIGHTS_DIR / f"trial_{number}{ext}"
-            if p.is_file():
-                return p
-        return None
+        return self.layout.find_weights(number) if self.layout is not None else None
 
     @property
     def baseline_row(self) -> pd.Series | None:
@@ -225,101 +207,54 @@ class StudyData:
         done = base[base["state"] == "complete"]
         return (done if len(done) else base).iloc[0]
 
-    @property
-    def baseline_gmacs(self) -> float | None:
-        row = self.baseline_row
-        if row is not None and pd.notna(row.get("gmacs")):
-            return float(row["gmacs"])
-        for key in ("baseline_gmacs",):
-            v = self.settings.get(key) or (self.settings.get("space") or {}).get(key)
-            if v:
-                return float(v)
-        return None
-
-    @property
-    def budget_gmacs(self) -> float | None:
-        space = self.settings.get("space") or {}
-        if isinstance(space, dict) and space.get("budget_gmacs"):
-            return float(space["budget_gmacs"])
-        if self.budget is not None and self.baseline_gmacs is not None:
-            return self.budget * self.baseline_gmacs
-        return None
-
-
-def data_kind(data: Any) -> str:
-    """'proxy' for the offline proxy task, 'real' for real images, 'unknown' when the study does not say."""
-    if isinstance(data, dict):
-        if data.get("proxy") is True:
-            return "proxy"
-        if data.get("proxy") is False:
-            return "real"
-        text = " ".join(str(data.get(k) or "") for k in ("kind", "source", "type", "name", "note")).lower()
-    else:
-        text = str(data or "").lower()
-    if "proxy" in text or "digit" in text:
-        return "proxy"
-    if any(w in text for w in ("imagenet", "imagefolder", "labels", "real")):
-        return "real"
-    if isinstance(data, dict) and data.get("path"):
-        return "real"
-    return "unknown"
-
-
-def is_imagenet(data: Any) -> bool:
-    """Real ImageNet-1k images: real data with 1,000 classes (or named ImageNet)."""
-    if data_kind(data) != "real":
-        return False
-    if isinstance(data, dict):
-        if data.get("num_classes") is not None:
-            return int(data["num_classes"]) == 1000
-        return "imagenet" in json.dumps(data, default=str).lower()
-    return "imagenet" in str(data).lower()
-
 
 # ----------------------------------------------------------------------------- opening
-def _locate(path: str | os.PathLike[str]) -> tuple[str, Path | None]:
-    """(database path or URL, study directory or None) for a study directory, a database file or a URL."""
+def _locate(path: str | os.PathLike[str]) -> tuple[str, StudyLayout | None]:
+    """(database path or URL, study layout or None) for a study directory, a database file or a URL."""
     text = os.fspath(path)
     if "://" in text:
         return text, None
     p = Path(text).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"study: {text!r} does not exist; give a study directory (with {DB_NAME}) "
+        raise FileNotFoundError(f"study: {text!r} does not exist; give a study directory (with {RESULTS_DB}) "
                                 "or a results database")
     if p.is_dir():
-        db = p / DB_NAME
-        if not db.is_file():
-            raise FileNotFoundError(f"study: directory {text!r} has no {DB_NAME}; give the folder that "
+        layout = StudyLayout(p)
+        if not layout.results_db.is_file():
+            raise FileNotFoundError(f"study: directory {text!r} has no {RESULTS_DB}; give the folder that "
                                     "`tpsexplore search` wrote (DIR/NAME) or a results database")
-        return str(db), p
-    root = p.parent if (p.parent / SETTINGS_NAME).is_file() else None
-    return str(p), root
+        return str(layout.results_db), layout
+    return str(p), StudyLayout.of_results_db(p)
 
 
-def _read_settings(root: Path | None) -> dict[str, Any]:
-    if root is None or not (root / SETTINGS_NAME).is_file():
-        return {}
-    try:
-        data = json.loads((root / SETTINGS_NAME).read_text())
-    except ValueError as e:
-        raise ValueError(f"study.json: {str(root / SETTINGS_NAME)!r} is not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+def study_manifest(layout: StudyLayout | None, row: Study, db: str) -> StudyManifest:
+    """The study's manifest: the study folder's file, else the copy in the results store's study settings.
+
+    Studies written before manifests existed are refused with one line (rerun the search to write one).
+    """
+    if layout is not None and layout.manifest.is_file():
+        return read_manifest(layout)
+    stored = (row.settings or {}).get("manifest")
+    if stored is None:
+        raise ValueError(f"manifest: study {row.name!r} in {db!r} has none (written by an older tpsexplore); rerun "
+                         "the same `tpsexplore search` command to write it")
+    return StudyManifest.from_dict(stored, f"study {row.name!r} in {db!r}")
 
 
 def open_study(path: str | os.PathLike[str], study: str | None = None) -> StudyData:
     """Open a study directory, a results database file or URL; ``study`` picks one of several studies.
 
     Raises FileNotFoundError for a missing path, ValueError when the database holds no study or several
-    and none was named.
+    and none was named, or when the study's manifest is missing or malformed.
     """
-    db, root = _locate(path)
-    settings = _read_settings(root)
+    db, layout = _locate(path)
+    manifest = read_manifest(layout) if layout is not None and layout.manifest.is_file() else None
     store = ResultsStore(db)
     try:
         studies = store.studies()
         if not studies:
             raise ValueError(f"study: results database {db!r} holds no study; run `tpsexplore search` first")
-        name = study or settings.get("study") or settings.get("study_name") or settings.get("name")
+        name = study or (manifest.study if manifest is not None else None)
         if name is None:
             if len(studies) > 1:
                 raise ValueError(f"study: {db!r} holds {len(studies)} studies ({', '.join(s.name for s in studies)}); "
@@ -335,15 +270,11 @@ def open_study(path: str | os.PathLike[str], study: str | None = None) -> StudyD
         meas = store.measurements_frame(row)
     finally:
         store.close()
-    if not settings:  # a bare database: the store's study row is all there is
-        settings = dict(row.settings or {})
-        if row.objectives:
-            settings["objectives"] = list(row.objectives)  # the store's columns, not the CLI's short form
-        for key in ("backbone", "budget", "objectives", "data", "weights"):
-            if settings.get(key) in (None, "", []):
-                settings[key] = getattr(row, key)
-    data = StudyData(name=row.name, db=db, root=root, study=row, settings=settings, trials=frame)
-    data.trials = enrich(frame, settings)
+    if manifest is None or manifest.study != row.name:
+        manifest = study_manifest(None, row, db)
+    data = StudyData(name=row.name, db=db, root=layout.root if layout is not None else None, study=row,
+                     manifest=manifest, trials=frame)
+    data.trials = enrich(frame, manifest)
     ref = data.reference
     data.records = trial_records(data.trials, meas, data.fidelity, ref.throughput.value if ref else None)
     data.trials = add_speed(add_uncertainty(data.trials, data.records, data.fidelity), meas, ref)
@@ -368,7 +299,7 @@ def load_trials(db: str | os.PathLike[str], study: str | None = None) -> pd.Data
     Columns: the store's ``trials_frame`` (``number``, ``method``, ``label``, ``state``, ``config.*``, one
     column per measurement type such as ``accuracy_top1@finetuned``, ``gmacs@analytic``,
     ``throughput@bs64/fp32/cuda``) plus ``variant``, ``accuracy``, ``gmacs``, ``is_baseline``, ``usable`` and
-    ``within_budget`` (see the module docstring). ``df.attrs`` holds the study name, settings and columns
+    ``within_budget`` (see the module docstring). ``df.attrs`` holds the columns
     chosen for ``accuracy`` and ``gmacs``.
     """
     return open_study(db, study).trials
@@ -377,25 +308,6 @@ def load_trials(db: str | os.PathLike[str], study: str | None = None) -> pd.Data
 # ----------------------------------------------------------------------------- columns
 def _populated(df: pd.DataFrame, col: str) -> int:
     return int(df[col].notna().sum()) if col in df.columns else 0
-
-
-def _accuracy_fidelity(settings: dict[str, Any]) -> str | None:
-    """The fidelity of the study's accuracy objective (``finetuned`` / ``zero_shot``), if it says."""
-    fid = settings.get("fidelity")
-    candidates = []
-    if isinstance(fid, dict):
-        candidates += [fid.get("accuracy_objective"), fid.get("accuracy"), fid.get("name")]
-    elif isinstance(fid, str):
-        candidates.append(fid)
-    objectives = settings.get("objectives") or []
-    candidates += [str(o).rpartition(":")[0] or str(o) for o in (objectives if isinstance(objectives, list) else [])]
-    for c in candidates:
-        if isinstance(c, str) and c:
-            if c.startswith("accuracy_top1@"):
-                return c.split("@", 1)[1]
-            if c in ACCURACY_FIDELITIES:
-                return c
-    return None
 
 
 def accuracy_column(df: pd.DataFrame, fidelity: str | None = None) -> str | None:
@@ -453,36 +365,37 @@ def measurement_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if isinstance(c, str) and ("@" in c or c in bare) and _populated(df, c)]
 
 
-def variant_of(config: dict[str, Any] | None, method: Any = None) -> str:
-    """``method`` or ``method+treatment`` (a searched non-default treatment); 'baseline' for method none."""
-    from ..reduce.methods import METHODS
+def trial_config(row: Any) -> ReductionConfig | None:
+    """The `ReductionConfig` stored with a trial (its ``config_json`` column), None when the trial has none."""
+    text = row.get("config_json") if hasattr(row, "get") else None
+    if not isinstance(text, str) or text.strip() in ("", "{}"):
+        return None
+    return ReductionConfig.from_json(text)
 
-    config = config or {}
-    m = config.get("method") or method or "none"
+
+def variant_of(config: ReductionConfig | None, method: Any = None) -> str:
+    """``method`` or ``method+treatment`` (a searched non-default treatment); 'baseline' for method none."""
+    m = config.method if config is not None else (method if isinstance(method, str) and method else "none")
     if m == "none":
         return "baseline"
-    t = config.get("treatment")
-    if isinstance(t, str) and t and m in METHODS and t != METHODS[m].treatment:
-        return f"{m}+{t}"
+    if config is not None and config.treatment and config.treatment != config.spec.treatment:
+        return f"{m}+{config.treatment}"
     return str(m)
 
 
-def enrich(frame: pd.DataFrame, settings: dict[str, Any] | None = None) -> pd.DataFrame:
+def enrich(frame: pd.DataFrame, manifest: StudyManifest) -> pd.DataFrame:
     """Add the derived columns of the module docstring to a ``trials_frame``."""
-    settings = settings or {}
     df = frame.copy()
     if df.empty:
         for col in ("variant", "accuracy", "gmacs"):
             df[col] = pd.Series(dtype="object" if col == "variant" else "float64")
         for col in ("is_baseline", "usable", "within_budget"):
             df[col] = pd.Series(dtype=bool)
-        df.attrs.update(accuracy_column=None, gmacs_column=None, settings=settings)
+        df.attrs.update(accuracy_column=None, gmacs_column=None)
         return df
-    cfg_cols = [c for c in df.columns if str(c).startswith("config.")]
-    configs = [{c[len("config."):]: row[c] for c in cfg_cols} for _, row in df[cfg_cols].iterrows()] \
-        if cfg_cols else [{} for _ in range(len(df))]
+    configs = [trial_config(row) for _, row in df.iterrows()]
     df["variant"] = [variant_of(c, m) for c, m in zip(configs, df["method"])]
-    acc = accuracy_column(df, _accuracy_fidelity(settings))
+    acc = accuracy_column(df, manifest.fidelity.accuracy)
     gm = gmacs_column(df)
     df["accuracy"] = df[acc].astype(float) if acc else np.nan
     df["gmacs"] = df[gm].astype(float) if gm else np.nan
@@ -491,11 +404,11 @@ def enrich(frame: pd.DataFrame, settings: dict[str, Any] | None = None) -> pd.Da
     df["is_baseline"] = df["variant"] == "baseline"
     df["usable"] = (df["state"] == "complete") & df["accuracy"].notna() & df["gmacs"].notna()
     feasible = df["feasible"] if "feasible" in df.columns else pd.Series([None] * len(df), index=df.index)
-    cons = df["constraint_value"] if "constraint_value" in df.columns else pd.Series(np.nan, index=df.index)
-    within = [bool(f) if f is not None and not (isinstance(f, float) and math.isnan(f))
-              else (bool(c <= 1e-12) if pd.notna(c) else True) for f, c in zip(feasible, cons)]
+    limit = manifest.budget.gmacs * (1 + 1e-9)
+    within = [bool(f) if f is not None and not (isinstance(f, float) and math.isnan(f)) else bool(g <= limit)
+              for f, g in zip(feasible, df["gmacs"])]
     df["within_budget"] = df["usable"] & pd.Series(within, index=df.index) & ~df["is_baseline"]
-    df.attrs.update(accuracy_column=acc, gmacs_column=gm, settings=settings)
+    df.attrs.update(accuracy_column=acc, gmacs_column=gm)
     return df
 
 

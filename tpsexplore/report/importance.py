@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 MIN_TRIALS = 4
@@ -21,18 +20,22 @@ class Importances:
 
 
 def load_optuna_study(storage: str, study_name: str | None = None) -> Any:
-    """Load an Optuna study from a journal file path or an RDB/journal URL (read only).
+    """Load an Optuna study from a journal file path or a database URL (read only), parsed by
+    `tpsexplore.manifest.parse_storage`.
 
     ``study_name`` may be None when the storage holds exactly one study.
     """
     import optuna
 
-    if "://" in storage:
-        store: Any = storage
+    from ..manifest import parse_storage
+
+    parsed = parse_storage(storage)
+    if not parsed.is_journal:
+        store: Any = parsed.url
     else:
-        path = Path(storage)
+        path = parsed.path
         if not path.is_file():
-            raise FileNotFoundError(f"optuna storage: {storage!r} does not exist")
+            raise FileNotFoundError(f"optuna storage: {str(path)!r} does not exist")
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 

@@ -9,49 +9,23 @@ from typing import Any
 import torch
 
 from ..backbones import create_backbone, read_state_dict, resolve_name
+from ..manifest import StudyManifest
 from ..reduce import ReductionConfig, apply
 
-GEOMETRY_KEYS = ("img_size", "patch_size", "num_classes")
 TIMM_KEYS = ("img_size", "patch_size", "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "in_chans")
 
 
-def _dicts(*items: Any) -> list[dict[str, Any]]:
-    return [i for i in items if isinstance(i, dict)]
-
-
-def backbone_description(settings: dict[str, Any], backbone: Any = None) -> dict[str, Any]:
-    """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ..., "weights"}`` from study.json.
-
-    The timm keyword overrides come, later ones winning, from the data description (the proxy task's image
-    size, patch size and classes), the weights description, the study's ``[model]`` overrides and an explicit
-    ``backbone``/``model_kwargs`` section when the study wrote one.
-    """
-    b = settings.get("backbone", backbone)
-    out: dict[str, Any] = dict(b) if isinstance(b, dict) else {"name": b or backbone}
-    inner = settings.get("settings") if isinstance(settings.get("settings"), dict) else {}
-    data, weights = settings.get("data"), settings.get("weights")
-    for src in _dicts(data, (data or {}).get("geometry") if isinstance(data, dict) else None, weights,
-                      inner.get("model"), settings.get("model"), settings.get("model_kwargs")):
-        for key in TIMM_KEYS:
-            if src.get(key) is not None:
-                out[key] = _plain(src[key])
-    name = out.get("name") or inner.get("backbone")
-    if not name:
-        raise ValueError("backbone: the study does not say which backbone it used (study.json has no 'backbone')")
-    out["name"] = str(name)
-    if not out.get("timm_name"):
-        out["timm_name"] = resolve_name(str(name))
-    if isinstance(weights, dict):
-        out.setdefault("weights", {k: v for k, v in weights.items() if isinstance(v, (str, int, float, bool))})
-    elif weights:
-        out.setdefault("weights", str(weights))
+def backbone_description(manifest: StudyManifest) -> dict[str, Any]:
+    """``{"name", "timm_name", "img_size", "patch_size", "num_classes", ..., "weights"}`` from the study's manifest:
+    its timm overrides, completed by its geometry, and the starting weights' provenance."""
+    g = manifest.geometry
+    out: dict[str, Any] = {"name": manifest.backbone, "timm_name": manifest.timm_name,
+                           "img_size": g.img_size, "patch_size": g.patch_size, "num_classes": g.num_classes}
+    out.update({k: v for k, v in manifest.model_kwargs.items() if k in TIMM_KEYS and v is not None})
+    w = manifest.weights
+    out["weights"] = {k: v for k, v in {"source": w.source, "checkpoint": w.checkpoint, "note": w.note}.items()
+                      if v is not None}
     return out
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
-        return v[0]
-    return v
 
 
 def timm_overrides(backbone: dict[str, Any]) -> dict[str, Any]:

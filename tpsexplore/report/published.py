@@ -67,3 +67,26 @@ def published_points(backbone: str | None = None) -> pd.DataFrame:
         short = published_backbone(backbone)
         df = df[df["backbone"] == short] if short else df.iloc[0:0]
     return df.reset_index(drop=True)
+
+
+def baseline_at_chance(baseline: "pd.Series | None", data: object = None) -> str | None:
+    """Why the papers' points must not be drawn beside this baseline: its top-1 is 0% or not above chance
+    (its 95% interval reaches 1 / classes), i.e. the weights do not fit the data; None when it is fine.
+
+    ``baseline`` is the report's baseline row (``accuracy`` and ``accuracy_lo`` as fractions); ``data`` the
+    study's data description (``num_classes``; ImageNet-1k's 1,000 when absent)."""
+    if baseline is None:
+        return None
+    acc = baseline.get("accuracy")
+    if acc is None or pd.isna(acc):
+        return None
+    classes = (data.get("num_classes") if isinstance(data, dict) else None) or 1000
+    chance = 1.0 / float(classes)
+    lo = baseline.get("accuracy_lo")
+    lo = float(acc) if lo is None or pd.isna(lo) else float(lo)
+    if float(acc) > 0.0 and lo > chance:
+        return None
+    return (f"the unreduced baseline scores {100.0 * float(acc):.1f}% top-1, not above chance "
+            f"({100.0 * chance:.3g}% for {int(classes)} classes): its weights do not fit this data, so the papers' "
+            "ImageNet points are not drawn beside it")
+

@@ -5,8 +5,25 @@
 ``objective`` (throughput, zero-shot gate, fine-tune) in one or more workers (``runner``), and mirrors the
 Optuna trials into the results store from a single writer (``mirror``).
 """
-from .space import Candidate, SearchSpace, SpaceSettings, Variant, default_variants, resolve_variants
-from .spec import SearchSettings, build_settings, load_study_file
+from __future__ import annotations
 
-__all__ = ["Candidate", "SearchSettings", "SearchSpace", "SpaceSettings", "Variant", "build_settings",
-           "default_variants", "load_study_file", "resolve_variants"]
+import importlib
+
+# Imported on first use (PEP 562), so `tpsexplore search --help` (tpsexplore.search.cli) does not pay for torch.
+_EXPORTS = {
+    "Candidate": ".space", "SearchSpace": ".space", "SpaceSettings": ".space", "Variant": ".space",
+    "default_variants": ".space", "resolve_variants": ".space",
+    "SearchSettings": ".spec", "build_settings": ".spec", "load_study_file": ".spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -7,7 +7,12 @@
 * PostgreSQL URL: several machines share one study. SQLite URL: one worker only (checked by the settings).
 * Liveness: every running trial records its worker (host, pid, process start time) and a heartbeat time.
   A RUNNING trial whose worker is gone (same host: the pid is dead or reused; other host: no heartbeat for
-  `STALE_AFTER_S`) is what a kill -9 leaves behind; `recover` marks it failed and re-queues its config.
+  `STALE_AFTER_S`) is what a kill -9 leaves behind; `recover` marks it failed and re-queues its config
+  (or, when the worker had recorded its trial's end before dying, finishes the trial as recorded).
+* Torn journal: a write cut short (full disk, crash, truncation) leaves the journal ending mid-record.
+  `open_storage` (and every append) moves such a torn last record aside into ``<journal>.torn-<time>``,
+  says so in one line and truncates the journal to its last complete record; a journal damaged anywhere
+  else is refused with one line naming the file, line and byte offset (`check_journal`).
 """
 from __future__ import annotations
 
@@ -15,9 +20,12 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import BaseJournalFileLock  # the lock interface JournalFileBackend takes
 from optuna.trial import FrozenTrial, TrialState
 
-from .spec import SearchSettings, storage_kind
+from ..manifest import Storage, StudyLayout, parse_storage
+from .spec import SearchSettings
 
 STALE_AFTER_S = 300.0
 HEARTBEAT_S = 30.0
@@ -115,45 +124,197 @@ class SearchJournalBackend(JournalFileBackend):
         return op == 0 or (op == 6 and log.get("state") == int(TrialState.COMPLETE))
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        """Append whole records only: a torn tail left by another process is set aside first (so nothing is
+        appended onto half a line), and a write that fails part-way (disk full) is cut back off."""
         from optuna.storages.journal._file import get_lock_file
 
         durable = any(self._durable(log) for log in logs)
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
         with get_lock_file(self._lock):
-            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
-            with open(self._file_path, "ab") as f:
-                f.write(text.encode("utf-8"))
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
+            fd = os.open(self._file_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    note = repair_journal_locked(Path(self._file_path))
+                    if note:
+                        print(f"[search] {note}", file=sys.stderr)
+                    size = os.fstat(fd).st_size
+                view = memoryview(data)
+                try:
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if durable:
+                        os.fsync(fd)
+                except OSError:
+                    try:  # leave no torn record behind: the caller sees the error, the file its old end
+                        os.ftruncate(fd, size)
+                    except OSError:
+                        pass
+                    raise
+            finally:
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """The last record of a journal, cut short: it starts at byte ``offset`` (line ``line``, 1-based) and
+    is ``data``; ``whole`` when it is a complete record that only lacks its line end."""
+
+    offset: int
+    line: int
+    data: bytes
+    whole: bool = False
+
+
+RECORD_START = b'{"op_code":'
+"""How every journal record begins (Optuna writes ``op_code`` first): a torn record begins so too."""
+
+
+def _journal_record(line: bytes) -> str | None:
+    """None if ``line`` is one journal record (a JSON object with an op_code), else what is wrong."""
+    try:
+        log = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return f"not a journal record ({' '.join(str(e).split())[:100]})"
+    if not isinstance(log, dict) or not isinstance(log.get("op_code"), int):
+        return "not a journal record (JSON without an op_code)"
+    return None
+
+
+def _torn_record(data: bytes) -> bool:
+    """Could ``data`` be the start of a record cut short? (Not random bytes or another file's text.)"""
+    return data.startswith(RECORD_START) or (len(data) > 0 and RECORD_START.startswith(data.rstrip(b"\n")))
+
+
+def check_journal(path: str | os.PathLike[str]) -> TornTail | None:
+    """Read ``path`` without changing it: None when every record is whole, the torn last record when only
+    the end is cut short, and ValueError (one line naming the file, line and byte offset) for damage
+    anywhere else, which cannot be repaired without losing records."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    def damaged(number: int, offset: int, why: str) -> ValueError:
+        return ValueError(f"storage: journal '{path}' is damaged at line {number} (byte {offset}): {why}; only a "
+                          "torn last record can be set aside, so restore the file from a backup or start a new "
+                          "study (--out or --study-name)")
+
+    offset, bad, why = 0, None, ""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if bad is not None:  # a bad record followed by more: damage in the middle
+                raise damaged(bad.line, bad.offset, why)
+            if not line.endswith(b"\n"):  # the end of the file, cut short
+                whole = _journal_record(line) is None
+                if not whole and not _torn_record(line):
+                    raise damaged(number, offset, _journal_record(line) or "")
+                return TornTail(offset, number, line, whole=whole)
+            why = _journal_record(line) or ""
+            if why:
+                bad = TornTail(offset, number, line)
+            offset += len(line)
+    if bad is not None and not _torn_record(bad.data):
+        raise damaged(bad.line, bad.offset, why)
+    return bad
+
+
+def _aside_path(path: Path) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.torn-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.torn-{stamp}.{n}")
+        n += 1
+    return aside
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def repair_journal_locked(path: Path) -> str | None:
+    """Set a torn last record of ``path`` aside; the caller holds the journal lock. Returns the one-line note
+    (None when the journal was whole); ValueError (`check_journal`) when it is damaged elsewhere."""
+    tail = check_journal(path)
+    if tail is None:
+        return None
+    if tail.whole:  # a complete record whose line end was not written: complete it, lose nothing
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return (f"storage: the last record of journal '{path}' (line {tail.line}) lacked its line end (an "
+                "interrupted write); completed it")
+    aside = _aside_path(path)
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, tail.data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, tail.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(path.parent)
+    return (f"storage: journal '{path}' ended in a torn record (line {tail.line}, {len(tail.data)} bytes from byte "
+            f"{tail.offset}: an interrupted write); moved it to '{aside}' and resumed from the last complete record")
+
+
+def repair_journal(path: str | os.PathLike[str]) -> str | None:
+    """`repair_journal_locked` under the journal's lock (appending processes wait meanwhile)."""
+    lock = FlockLock(os.fspath(path))
+    lock.acquire()
+    try:
+        return repair_journal_locked(Path(path))
+    finally:
+        lock.release()
+
+
+def storage_of(settings: SearchSettings) -> Storage:
+    """The search's Optuna storage, parsed (`tpsexplore.manifest.parse_storage`; default: the study's journal)."""
+    return parse_storage(settings.storage, StudyLayout(settings.study_dir).journal)
 
 
 def journal_path(settings: SearchSettings) -> Path:
-    s = settings.storage
-    if s and s.startswith("journal:"):
-        return Path(s[len("journal:"):])
-    if s:
-        return Path(s)
-    return settings.study_dir / "optuna.journal"
+    return storage_of(settings).path
 
 
 def storage_display(settings: SearchSettings) -> str:
     """The storage as shown to users (passwords hidden)."""
-    if storage_kind(settings.storage) == "journal":
-        return str(journal_path(settings))
-    from sqlalchemy import make_url
-
-    return make_url(settings.storage).render_as_string(hide_password=True)
+    return storage_of(settings).display
 
 
 def open_storage(settings: SearchSettings, create: bool = True) -> optuna.storages.BaseStorage:
     """The Optuna storage of a search; ``create=False`` does not create a missing journal file."""
-    kind = storage_kind(settings.storage)
+    kind = storage_of(settings).kind
     if kind == "journal":
         path = journal_path(settings)
-        if not create and not path.exists():
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(SearchJournalBackend(str(path)))
+        if not create:
+            if not path.exists():
+                return None
+            check_journal(path)  # damage in the middle: one line; a torn end is ignored by reads, repaired below
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            note = repair_journal(path) if path.exists() else None
+            if note:
+                print(f"[search] {note}", file=sys.stderr)
+        try:
+            return JournalStorage(SearchJournalBackend(str(path)))
+        except ValueError as e:  # damaged by someone else since the check
+            raise ValueError(f"storage: journal '{path}' cannot be read: {' '.join(str(e).split())[:200]}") from None
     try:
         return optuna.storages.RDBStorage(settings.storage, engine_kwargs={"pool_pre_ping": True})
     except Exception as e:  # noqa: BLE001 - connection/driver errors become one line
@@ -201,6 +362,16 @@ def process_start_time(pid: int) -> str | None:
             text = fh.read()
         return text.rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
+        return None
+
+
+def process_parent(pid: int) -> int | None:
+    """The parent pid of ``pid`` (field 4 of /proc/pid/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+        return int(text.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
         return None
 
 
@@ -294,8 +465,20 @@ def recover(study: optuna.Study) -> tuple[list[int], list[int]]:
     `MAX_RETRIES` times along a chain). Returns (numbers failed now, numbers re-queued)."""
     storage = study._storage
     failed: list[int] = []
+    finished: dict[str, list[int]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_alive(t.user_attrs.get(A_WORKER), t.user_attrs.get(A_HEARTBEAT)):
+            continue
+        recorded = recorded_end(t)
+        if recorded is not None:  # the worker recorded the trial's end, then died before telling Optuna
+            state, values = recorded
+            try:
+                if A_END not in t.user_attrs:
+                    storage.set_trial_user_attr(t._trial_id, A_END, {"outcome": "complete", "reason": None})
+                if storage.set_trial_state_values(t._trial_id, state, values):
+                    finished.setdefault(state.name.lower(), []).append(t.number)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
             continue
         phase = t.user_attrs.get(A_PHASE, "unknown phase")
         try:
@@ -322,4 +505,33 @@ def recover(study: optuna.Study) -> tuple[list[int], list[int]]:
             continue
         study.enqueue_trial(dict(t.params), user_attrs={A_ROLE: role(t), A_RETRY_OF: t.number})
         requeued.append(t.number)
+    for state, numbers in finished.items():
+        print(f"[search] trial(s) {', '.join(map(str, numbers))} had recorded their end before their worker "
+              f"died; marked {state} as recorded", file=sys.stderr)
     return failed, requeued
+
+
+def recorded_end(t: FrozenTrial) -> tuple[TrialState, list[float] | None] | None:
+    """The end a (dead) worker recorded on a RUNNING trial before it could tell Optuna, or None.
+
+    A worker writes the trial's outcome (`A_END`) and then tells Optuna; a kill, a crash or a torn journal
+    between the two leaves the trial RUNNING with its results. A complete trial's values are the accuracy
+    (`A_FINETUNED`, or `A_ZERO_SHOT` without fine-tuning) and the cost (`A_COST`). Saved weights
+    (`A_WEIGHTS`, written right after the fine-tuned evaluation) also mean complete when the outcome record
+    itself was lost. Interrupted failures return None: they are re-queued.
+    """
+    attrs = t.user_attrs
+    outcome = end(t, "outcome")
+    if outcome is None and A_WEIGHTS in attrs:
+        outcome = "complete"
+    if outcome == "complete":
+        accuracy = attrs.get(A_FINETUNED, attrs.get(A_ZERO_SHOT))
+        cost = attrs.get(A_COST)
+        if not isinstance(accuracy, (int, float)) or not isinstance(cost, (int, float)):
+            return None
+        return TrialState.COMPLETE, [float(accuracy), float(cost)]
+    if outcome in ("pruned", "infeasible"):
+        return TrialState.PRUNED, None
+    if outcome == "failed" and not attrs.get(A_INTERRUPTED):
+        return TrialState.FAIL, None
+    return None

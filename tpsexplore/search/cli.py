@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .spec import DEFAULT_FINETUNE_STEPS, DEFAULT_TRIALS, OBJECTIVES, ConfirmSettings
+from ..measure.options import add_data_weights_arguments, check_data_weights
+from .defaults import (CONFIRM_SEEDS, CONFIRM_TOP, DEFAULT_BACKBONE, DEFAULT_BUDGET, DEFAULT_FINETUNE_STEPS,
+                       DEFAULT_TRIALS, OBJECTIVES)
 
+# Flags that set a `SearchSettings` field of the same name (``--labels`` goes to the [dataset] table).
 _FLAGS = ("backbone", "budget", "trials", "timeout", "methods", "max_stages", "objectives", "finetune_steps",
-          "device", "study_name", "out", "storage", "workers", "seed", "threads", "data", "checkpoint")
+          "device", "study_name", "out", "storage", "workers", "seed", "threads", "data", "checkpoint", "weights")
+#: error-message fields that are set by a flag of another name (`tpsexplore.cli` names the flag)
+FIELD_FLAGS = {"dataset.labels": "labels", "study_file": "study", "confirm.top": "confirm", "confirm.seeds": "confirm"}
 
 
 def _budget(text: str) -> float:
@@ -30,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to search")
     g.add_argument("--study", metavar="FILE", help="TOML study spec (a path or a name under studies/, e.g. "
                    "deit_t_budget035); flags override it")
-    g.add_argument("--backbone", help="deit_t (default), deit_s, deit_b, vit_b16 or a timm ViT name")
+    g.add_argument("--backbone", help=f"deit_t, deit_s, deit_b, vit_b16 or a timm ViT name (default "
+                   f"{DEFAULT_BACKBONE})")
     g.add_argument("--budget", type=_budget, help="GFLOPs budget as a fraction of the unreduced baseline, in "
-                   "(0, 1] (default 0.35)")
+                   f"(0, 1] (default {DEFAULT_BUDGET})")
     g.add_argument("--methods", help="comma-separated methods and policy+treatment combos (e.g. "
                    "etps,tome,similarity+squeeze); default all that can meet the budget")
     g.add_argument("--max-stages", dest="max_stages", type=int, help="reduction stages per config, 1-4 "
@@ -47,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    f"passes the zero-shot gate; 0 = zero-shot only (default {DEFAULT_FINETUNE_STEPS})")
     g.add_argument("--confirm", metavar="TOP[xSEEDS]", help="after the trials, re-fine-tune the TOP most accurate "
                    "feasible front configs (and the baseline) with SEEDS more seeds each and store mean +- spread "
-                   f"(default {ConfirmSettings.top}x{ConfirmSettings.seeds}; 0 = off; study file: [confirm] top, "
+                   f"(default {CONFIRM_TOP}x{CONFIRM_SEEDS}; 0 = off; study file: [confirm] top, "
                    "seeds, baseline)")
     g = parser.add_argument_group("where")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs); the study goes to DIR/NAME")
@@ -60,9 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed of the sampler, the data and the fine-tunes (default 0)")
     g.add_argument("--threads", type=int, help="CPU torch threads (default 0: one per core not busy with other "
                    "processes)")
-    g = parser.add_argument_group("data and weights (default: offline proxy task, proxy-pretrained weights)")
-    g.add_argument("--data", metavar="PATH", help="real data (an ImageFolder root with train/ and val/)")
-    g.add_argument("--checkpoint", metavar="PATH", help="backbone weights (.pth/.pt/.safetensors)")
+    add_data_weights_arguments(parser)  # the same as `tpsexplore profile`
     parser.add_argument("--quiet", action="store_true", help="no progress display (the final table still prints)")
 
 
@@ -76,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         flags["progress"] = False
     if getattr(args, "confirm", None) is not None:
         flags["confirm"] = parse_confirm(args.confirm)
+    if args.labels is not None:
+        flags["dataset"] = {**file_values.get("dataset", {}), "labels": args.labels}
     settings = build_settings(file_values, flags)
+    check_data_weights(settings.data, settings.dataset.get("labels"), args.weights, settings.checkpoint)
     outcome = run_search(settings, out=sys.stdout)
     if outcome.interrupted:
         print("tpsexplore search: interrupted; what was measured is recorded (rerun the same command to resume)",

@@ -5,9 +5,16 @@ calls `Mirror.sync` every second or so and after the last trial. So results.db h
 with several worker processes (or several machines sharing a PostgreSQL Optuna storage: each machine's
 coordinator mirrors the whole study into its own results.db). Re-syncing is idempotent: a trial already
 final in the store is skipped, measurements are added once.
+
+A row is ``running`` only while this process (or one of its worker processes) runs the trial: a trial that
+runs in another process joined to the study (a second ``tpsexplore search`` on the same journal or
+PostgreSQL storage) gets its row once Optuna says it finished, on this process's next sync. Mirroring it
+as running instead left the row ``running`` for good whenever this process ended first, which a joining
+process always does when the other one runs the study's last trial.
 """
 from __future__ import annotations
 
+import os
 import socket
 from datetime import datetime, timezone
 from typing import Any
@@ -15,7 +22,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from ..storage import ResultsStore, Study
-from .backend import A_ENVIRONMENT, A_INFO, A_WORKER, end, info, record
+from .backend import A_ENVIRONMENT, A_INFO, A_WORKER, end, info, process_parent, process_start_time, record
 
 
 def store_state(t: FrozenTrial) -> str | None:
@@ -41,6 +48,7 @@ class Mirror:
 
     def __init__(self, store: ResultsStore, study: Study) -> None:
         self.store, self.study = store, study
+        self.pid, self.host = os.getpid(), socket.gethostname()
         frame = store.trials_frame(study)
         self.known: dict[int, tuple[int, str]] = {
             int(r.number): (int(r.trial_id), str(r.state)) for r in frame.itertuples()}
@@ -55,8 +63,8 @@ class Mirror:
             have = self.known.get(t.number)
             if have is not None and have[1] != "running":
                 continue
-            if final is None and (have is not None or A_INFO not in t.user_attrs):
-                continue  # running: recorded once its config is known
+            if final is None and (have is not None or A_INFO not in t.user_attrs or not self.runs_here(t)):
+                continue  # running: recorded once its config is known, and only when this process runs it
             if have is None:
                 trial_id = self._start(t)
                 self.known[t.number] = (trial_id, "running")
@@ -77,6 +85,17 @@ class Mirror:
             self.known[t.number] = (trial_id, final)
             done.append(t.number)
         return done
+
+    def runs_here(self, t: FrozenTrial) -> bool:
+        """Is the RUNNING trial ``t`` run by this process or by one of its worker processes (its children)?"""
+        worker: dict[str, Any] = t.user_attrs.get(A_WORKER) or {}
+        if worker.get("host") != self.host or not worker.get("pid"):
+            return False
+        pid = int(worker["pid"])
+        if pid == self.pid:
+            return True
+        start = worker.get("start")
+        return process_parent(pid) == self.pid and (start is None or process_start_time(pid) == start)
 
     def _start(self, t: FrozenTrial) -> int:
         worker: dict[str, Any] = t.user_attrs.get(A_WORKER) or {}

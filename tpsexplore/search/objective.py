@@ -242,10 +242,12 @@ def run_trial(ctx: TrialContext, trial: optuna.Trial) -> tuple[str, list[float] 
             torch.cuda.empty_cache()
 
 
-def record_failure(trial: optuna.Trial, exc: BaseException, interrupted: bool) -> str:
-    """Write why a trial failed onto it (one line + a short traceback)."""
+def record_failure(trial: optuna.Trial, exc: BaseException, interrupted: bool, why: str | None = None) -> str:
+    """Write why a trial failed onto it (one line + a short traceback); ``why`` names what stopped an
+    interrupted trial (default Ctrl-C), e.g. 'coordinator 1234 exited' or 'terminated (SIGTERM)'."""
     if interrupted:
-        reason = "interrupted: the search was stopped (Ctrl-C) during this trial; the config is re-queued"
+        reason = (f"interrupted: {why} during this trial; the config is re-queued" if why else
+                  "interrupted: the search was stopped (Ctrl-C) during this trial; the config is re-queued")
     else:
         kind = "out of memory" if _is_oom(exc) else type(exc).__name__
         reason = f"error: {kind}: {' '.join(str(exc).split())[:400] or type(exc).__name__}"
@@ -347,7 +349,7 @@ def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any
         if sp.speedup is not None:
             out.append({"kind": "speedup", "value": sp.speedup, "unit": "x", **common,
                         "extra": {"baseline_images_per_s": sp.baseline_images_per_s, "note": sp.note,
-                                  "loaded": loaded}})
+                                  "loaded": loaded, "window_ratios": sp.window_ratios}})
     return out
 
 
@@ -386,14 +388,12 @@ def _cost(s: SearchSettings, cand: Candidate, measurements: list[dict[str, Any]]
 
 
 def _save_weights(ctx: TrialContext, number: int, model: torch.nn.Module, cand: Candidate) -> Path:
-    """DIR/NAME/weights/trial_<n>.safetensors (fine-tuned weights, predictors included)."""
-    from safetensors.torch import save_file
+    """The trial's weights file of the study layout (fine-tuned weights, predictors included), written atomically."""
+    from safetensors.torch import save
 
-    ctx.weights_dir.mkdir(parents=True, exist_ok=True)
-    path = ctx.weights_dir / f"trial_{number}.safetensors"
-    tmp = path.with_suffix(".safetensors.tmp")
+    from ..manifest import StudyLayout, atomic_write
+
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"trial": str(number), "study": ctx.settings.name,
-                                         "backbone": ctx.settings.backbone, "config": cand.config.to_json()})
-    tmp.replace(path)
-    return path
+    return atomic_write(StudyLayout(ctx.settings.study_dir).weights(number),
+                        save(state, metadata={"trial": str(number), "study": ctx.settings.name,
+                                              "backbone": ctx.settings.backbone, "config": cand.config.to_json()}))

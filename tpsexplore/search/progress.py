@@ -73,10 +73,9 @@ class Progress:
         self._bar = None
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         if enabled and self.tty:
-            from tqdm.auto import tqdm
+            from ..progressbar import progress_bar
 
-            self._bar = tqdm(total=total, desc="search", unit="trial", file=self.stream, dynamic_ncols=True,
-                             leave=True)
+            self._bar = progress_bar(total=total, desc="search", unit="trial", file=self.stream, leave=True)
 
     # ------------------------------------------------------------------ helpers
     def _cost_text(self, t: FrozenTrial) -> str:

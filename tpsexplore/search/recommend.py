@@ -189,26 +189,23 @@ def records_from_trials(trials: Sequence[Any], fidelity: str, reference: float |
 def summarise_search(trials: Sequence[Any], fidelity: str, study_dir: Any, study_name: str,
                      baseline_gmacs: float | None = None) -> tuple[list[str], dict[int, dict[str, Any]]]:
     """The search's closing headline and, per complete trial, ``{"accuracy": Accuracy, "vs_best": text}`` for
-    its front table. Reads the reference baseline from ``study_dir/study.json`` and the confirmations from
-    ``study_dir/results.db`` (both written by the search; missing ones are simply not used)."""
-    import json
-    from pathlib import Path
-
+    its front table. Reads the reference baseline from the study's manifest and the confirmations from its
+    results store (`tpsexplore.manifest.StudyLayout`; both written by the search; missing ones are not used)."""
+    from ..manifest import StudyLayout, read_reference
     from .drift import reference_from_settings
 
-    d = Path(study_dir)
-    ref = None
+    layout = StudyLayout(study_dir)
     try:
-        ref = reference_from_settings(json.loads((d / "study.json").read_text()))
-    except (OSError, ValueError):
+        ref = reference_from_settings({"reference": read_reference(layout)})
+    except ValueError:
         ref = None
     confirmed: dict[int, ConfirmedAccuracy] = {}
-    if (d / "results.db").is_file():
+    if layout.results_db.is_file():
         from ..storage import ResultsStore
         from .confirm import confirmed_from_store
 
         try:
-            with ResultsStore(d / "results.db") as store:
+            with ResultsStore(layout.results_db) as store:
                 confirmed = confirmed_from_store(store, study_name)
         except ValueError:  # no such study in the store yet
             confirmed = {}
@@ -223,7 +220,7 @@ def summarise_search(trials: Sequence[Any], fidelity: str, study_dir: Any, study
     rec = recommend(records, fidelity)
     if rec is None:
         return ["Recommended config: none (no complete reduced trial is within the budget)"], marks
-    rows = rec.headline(d, baseline_gmacs)
+    rows = rec.headline(layout.root, baseline_gmacs)
     width = max(len(k) for k, _ in rows)
     lines = ["Recommended config (rule: most accurate within budget; among trials an exact McNemar test cannot "
              "tell apart from it, the cheapest):"]

@@ -23,7 +23,12 @@ Processes and stores:
   once more, the front so far is printed, exit code 130.
 
 Bad input fails before anything is written: settings, output directory, methods vs budget, a results
-database that is corrupt or belongs to another study, an Optuna study created with other settings.
+database that is corrupt or belongs to another study, an Optuna study created with other settings, and a
+preflight (the model is a ViT, the starting weights load strictly, one image of each data split decodes).
+
+Endings: a search where no trial completed exits 1 with a one-line summary; a full disk stops it with one
+line naming the error (completed trials stay readable; rerun to resume); SIGTERM stops it like Ctrl-C and a
+spawned worker whose coordinator died stops too, each recording what happened on the interrupted trial.
 """
 from __future__ import annotations
 
@@ -45,18 +50,23 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from ..errors import one_line
+from ..manifest import (Budget, DataSource, Fidelity, Geometry, Objective, StudyLayout, StudyManifest, Weights,
+                        read_manifest)
 from ..measure.telemetry import usable_core_count
 from ..storage import ResultsStore
 from .backend import (A_HEARTBEAT, A_ROLE, A_WORKER, S_ENQUEUED, S_FINGERPRINT, counted, end,
-                      make_sampler, open_storage, recover, retries_first, record, storage_display, worker_identity)
+                      make_sampler, open_storage, recover, retries_first, record, storage_display, storage_of,
+                      worker_identity)
 from .mirror import Mirror
 from .objective import TrialContext, record_failure, run_trial
 from .progress import Progress, front_table, pareto_front
 from .space import SearchSpace, resolve_variants
-from .spec import SearchSettings, storage_kind
+from .spec import SearchSettings
 
 RECOVER_EVERY_S = 30.0
 S_REFERENCE = "tpsx_reference"  # Optuna study user attr: the study's reference baseline (drift.Reference dict)
+S_WARNINGS = "tpsx_warnings"  # Optuna study user attr: data that cannot work (split, chance-level baseline)
 A_THREADS = "tpsx_threads"  # Optuna trial user attr: CPU threads the trial ran with {threads, automatic, why}
 FINGERPRINT_KEYS = ("backbone", "budget", "objectives", "methods", "max_stages", "finetune_steps", "seed",
                     "space", "model", "proxy", "train", "dataset", "data", "checkpoint")
@@ -242,7 +252,7 @@ def check_optuna(settings: SearchSettings, fp: dict[str, Any]) -> bool:
 def coordinator_lock(study_dir: Path):
     """Only one coordinator (results-store writer) per study directory at a time."""
     study_dir.mkdir(parents=True, exist_ok=True)
-    path = study_dir / ".coordinator.lock"
+    path = StudyLayout(study_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -259,10 +269,20 @@ def coordinator_lock(study_dir: Path):
 
 
 # ============================================================================= setup (writes)
+METRIC_NAMES = {"accuracy": "accuracy", "gflops": "GMACs", "throughput": "throughput (img/s)",
+                "latency": "latency (ms)"}
+"""Objective names shown by optuna-dashboard (`Study.set_metric_names`), in the settings' objective order."""
+
+
 def create_study(settings: SearchSettings, space: SearchSpace, fp: dict[str, Any]) -> optuna.Study:
     storage = open_storage(settings)
     study = optuna.create_study(study_name=settings.name, storage=storage, directions=settings.directions,
                                 load_if_exists=True)
+    names = [METRIC_NAMES[name] for name, _ in settings.objective_pairs]
+    if study.metric_names != names:  # optuna-dashboard labels the axes with these, not "Objective 0/1"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     if S_FINGERPRINT not in study.user_attrs:
         study.set_user_attr(S_FINGERPRINT, fp)
     if not study.user_attrs.get(S_ENQUEUED):
@@ -274,40 +294,69 @@ def create_study(settings: SearchSettings, space: SearchSpace, fp: dict[str, Any
     return study
 
 
-def write_study_json(settings: SearchSettings, space: SearchSpace, task: Any, device: torch.device,
-                     objectives: list[str], reference: dict[str, Any] | None = None) -> Path:
+def build_manifest(settings: SearchSettings, space: SearchSpace, task: Any, device: torch.device,
+                   objectives: list[str], reference: dict[str, Any] | None = None) -> StudyManifest:
+    """The study's manifest (`tpsexplore.manifest.StudyManifest`): what report, export and the notebook read."""
+    from dataclasses import asdict
+
     from ..measure.environment import environment_info
 
     env = environment_info(device)
-    data = {
-        "study": settings.name, "optuna_study_name": settings.name, "backbone": settings.backbone,
-        "budget": settings.budget,
-        "objectives": objectives, "objective_names": settings.objectives,
-        "methods": [v.key for v in space.variants], "excluded_methods": space.excluded,
-        "data": task.data_info, "weights": task.weights_info,
-        "fidelity": {"zero_shot": "evaluated for every built trial; gate before fine-tuning",
-                     "finetune_steps": settings.finetune_steps, "gate": vars(settings.gate),
-                     "accuracy_objective": f"accuracy_top1@{settings.accuracy_fidelity}"},
-        "device": str(device), "cpu_threads": torch.get_num_threads(), "seed": settings.seed,
-        "trials": settings.trials, "timeout_s": settings.timeout,
-        "workers": settings.workers,
-        "optuna_storage": storage_display(settings), "optuna_storage_kind": storage_kind(settings.storage),
-        "results_db": str(settings.study_dir / "results.db"),
-        "weights_dir": str(settings.study_dir / "weights"),
-        "weights_kept": "every fine-tuned (complete) trial; gated, infeasible and failed trials are never "
-                        "fine-tuned, so they have no weights",
-        "space": space.describe(), "sampler": vars(settings.sampler), "measure": vars(settings.measure),
-        "reference": reference,
-        "settings": settings.to_dict(),
-        "versions": {k: env.get(k) for k in ("python", "torch", "timm", "optuna", "fvcore", "tpsexplore",
-                                              "git_commit", "git_dirty")},
-        "environment": env,
-    }
-    path = settings.study_dir / "study.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    geo = task.geometry
+    plain = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - JSON types only
+    proxy = None
+    if task.proxy:
+        from ..measure.data import PROXY_VERSIONS
+        from ..measure.train import default_cache_dir, proxy_cache_path, resolve_proxy_config
+
+        cfg = resolve_proxy_config(settings.backbone, task.proxy_cfg)
+        proxy = plain({"name": cfg.proxy, "version": PROXY_VERSIONS[cfg.proxy],
+                       "config": {k: v for k, v in asdict(cfg).items() if k != "device"},
+                       "checkpoint": str(proxy_cache_path(settings.backbone, settings.seed, default_cache_dir(), cfg))})
+    w = plain(dict(task.weights_info))
+    weights = Weights(source=w.pop("source"), checkpoint=w.pop("checkpoint", None),
+                      note=w.pop("note", None) or task.weights_description, details=w)
+    names = [name for name, _ in settings.objective_pairs]
+    from ..backbones import resolve_name
+
+    return StudyManifest(
+        study=settings.name, backbone=settings.backbone, timm_name=resolve_name(settings.backbone),
+        model_kwargs=plain(dict(task.model_kwargs)),
+        geometry=Geometry(num_patches=geo.num_patches, num_prefix=geo.num_prefix, depth=geo.depth,
+                          width=geo.embed_dim, img_size=int(geo.img_size[0]), patch_size=int(geo.patch_size[0]),
+                          num_classes=geo.num_classes, num_heads=geo.num_heads),
+        budget=Budget(fraction=float(settings.budget), gmacs=float(space.budget_gmacs),
+                      baseline_gmacs=float(space.baseline_gmacs)),
+        objectives=tuple(Objective(name, *spec.rsplit(":", 1)) for name, spec in zip(names, objectives)),
+        fidelity=Fidelity(accuracy=settings.accuracy_fidelity, finetune_steps=settings.finetune_steps,
+                          gate=plain(vars(settings.gate))),
+        storage=storage_of(settings),
+        data=DataSource(kind="proxy" if task.proxy else "real", description=task.data_description,
+                        details=plain(task.data_info)),
+        weights=weights, proxy=proxy, reference=reference, seed=settings.seed, device=str(device),
+        versions=plain({k: env.get(k) for k in ("python", "torch", "timm", "optuna", "fvcore", "tpsexplore",
+                                                 "git_commit", "git_dirty")}),
+        extra=plain({
+            "methods": [v.key for v in space.variants], "excluded_methods": space.excluded,
+            "objective_names": settings.objectives, "cpu_threads": torch.get_num_threads(),
+            "trials": settings.trials, "timeout_s": settings.timeout, "workers": settings.workers,
+            "weights_kept": "every fine-tuned (complete) trial; gated, infeasible and failed trials are never "
+                            "fine-tuned, so they have no weights",
+            "space": space.describe(), "sampler": vars(settings.sampler), "measure": vars(settings.measure),
+            "settings": settings.to_dict(), "environment": env}))
+
+
+def write_manifest(settings: SearchSettings, manifest: StudyManifest) -> Path:
+    """Write the manifest once: a resumed study keeps the one its first run wrote (the Optuna fingerprint has
+    already checked that the settings agree); a missing, unreadable or older one is (re)written."""
+    layout = StudyLayout(settings.study_dir)
+    if layout.manifest.is_file():
+        try:
+            read_manifest(layout)
+            return layout.manifest
+        except ValueError as e:
+            print(f"[search] rewriting the study manifest: {e}", file=sys.stderr)
+    return manifest.write(layout)
 
 
 # ============================================================================= workers
@@ -332,7 +381,7 @@ def _worker_context(settings: SearchSettings, index: int, n_workers: int, stop: 
         study_name=settings.name, storage=storage,
         sampler=make_sampler(settings, salt=7919 * (index + 1) + 104729 * trials_now, grid=space.grid_space())))
     return TrialContext(settings=settings, space=space, task=task, study=study,
-                        weights_dir=settings.study_dir / "weights", environment=environment_info(device),
+                        weights_dir=StudyLayout(settings.study_dir).weights_dir, environment=environment_info(device),
                         device=device, stop=stop, baseline_model=task.new_model(),
                         reference=study.user_attrs.get(S_REFERENCE),
                         before_build=thread_hook(settings, device, n_workers))
@@ -421,13 +470,18 @@ def worker_loop(ctx: TrialContext, index: int, deadline: float | None) -> str:
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN) \
                 if threading.current_thread() is threading.main_thread() else None
             try:
-                record_failure(trial, exc, interrupted=True)
+                record_failure(trial, exc, interrupted=True, why=stop_reason(exc, ctx))
                 study.tell(trial, state=TrialState.FAIL)
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGINT, previous)
             raise
         except Exception as exc:  # noqa: BLE001 - any failure is recorded; the study goes on
+            if disk_error(exc):  # a full disk is not the config's fault: record it if possible, stop the search
+                with contextlib.suppress(Exception):
+                    record_failure(trial, exc, interrupted=False)
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
             record_failure(trial, exc, interrupted=False)
             study.tell(trial, state=TrialState.FAIL)
             continue
@@ -442,7 +496,10 @@ def _worker_process(settings: SearchSettings, index: int, n_workers: int, deadli
     """Entry point of a spawned worker process."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    stop = lambda: os.getppid() != parent  # noqa: E731 - the coordinator died: finish this trial, stop
+    def stop() -> str:  # the coordinator died (kill -9): stop, recording why
+        return f"coordinator {parent} exited" if os.getppid() != parent else ""
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         ctx = _worker_context(settings, index, n_workers, stop)
         worker_loop(ctx, index, deadline)
@@ -508,7 +565,7 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
     space = _space(settings, task)
     objectives = store_objectives(settings, device)
     fp = fingerprint(settings, task)
-    db_path = settings.study_dir / "results.db"
+    db_path = StudyLayout(settings.study_dir).results_db
     n_stored = check_results_db(db_path, settings, objectives, task)
     has_optuna = check_optuna(settings, fp)
     if n_stored and not has_optuna:
@@ -516,69 +573,125 @@ def run_search(settings: SearchSettings, out: Any = None) -> SearchOutcome:
                          f"Optuna storage {storage_display(settings)!r} has no such study; give the --storage it "
                          "was run with, or use another --out")
     notes = [f"method {k} left out: {v}" for k, v in space.excluded.items()]
+    said = [f"[search] {note}" for note in notes]
+    if device.type == "cpu":  # chosen here; when automatic, again before each trial (thread_hook)
+        threads, why = cpu_threads(settings, device)
+        torch.set_num_threads(threads)
+        said.append(f"[search] CPU: {threads} torch thread(s) ({why}"
+                    + ("; re-chosen before each trial)" if threads_automatic(settings, device) else ")"))
+    # ---- preflight, still before any write to the study directory: the model is built and its starting
+    # weights loaded strictly (--checkpoint), the data is opened and one image of each split decoded. A failure
+    # is the only line printed.
+    task.prepare(progress=settings.progress)
+    for line in said:
+        print(line, file=sys.stderr)
+    for warning in task.data_info.get("warnings", []):
+        print(f"[search] warning: {warning}", file=sys.stderr)
 
-    with coordinator_lock(settings.study_dir):
-        # ---- both stores
-        study = create_study(settings, space, fp)
-        store = ResultsStore(db_path)
+    previous_term = _on_sigterm()
+    try:
+        with coordinator_lock(settings.study_dir):
+            return _search_in(settings, task, space, device, objectives, fp, db_path, notes, out, t_start,
+                              deadline)
+    except Exception as exc:  # noqa: BLE001 - a full disk becomes one line; anything else is re-raised
+        disk = disk_error(exc)
+        if disk is None:
+            raise
+        raise ValueError(f"disk: {disk} while writing the study in {str(settings.study_dir)!r}; the completed "
+                         "trials are kept: free space and rerun the same command to resume") from None
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _search_in(settings: SearchSettings, task: Any, space: SearchSpace, device: torch.device, objectives: list[str],
+               fp: dict[str, Any], db_path: Path, notes: list[str], out: Any, t_start: float,
+               deadline: float | None) -> SearchOutcome:
+    """The part of `run_search` that writes: both stores, the reference, the workers, confirmation."""
+    # ---- both stores
+    study = create_study(settings, space, fp)
+    store = ResultsStore(db_path)
+    try:
+        reference = study_reference(settings, study, store, task, device)  # once per study; resume reuses it
+        manifest = build_manifest(settings, space, task, device, objectives, reference)
+        study_row = store.get_or_create_study(
+            settings.name, backbone=settings.backbone, budget=float(settings.budget), objectives=objectives,
+            data=task.data_description, weights=task.weights_description,
+            settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings),
+                      "reference": reference, "manifest": manifest.to_dict()})
+        write_manifest(settings, manifest)
+        failed, requeued = recover(study)
+        if failed:
+            print(f"[search] resumed: trial(s) {', '.join(map(str, failed))} were interrupted (worker gone); "
+                  f"marked failed", file=sys.stderr)
+        if requeued:
+            print(f"[search] re-queued the configs of interrupted trial(s) {', '.join(map(str, requeued))}",
+                  file=sys.stderr)
+        mirror = Mirror(store, study_row)
+        mirror.sync(study.get_trials(deepcopy=False))
+        progress = Progress(settings.trials, enabled=settings.progress,
+                            cost_name=settings.cost_objective,
+                            maximize_cost=settings.maximize_cost,
+                            baseline_gmacs=space.baseline_gmacs)
+        interrupted = ran = False
         try:
-            for note in notes:
-                print(f"[search] {note}", file=sys.stderr)
-            if device.type == "cpu":  # chosen here; when automatic, again before each trial (thread_hook)
-                threads, why = cpu_threads(settings, device)
-                torch.set_num_threads(threads)
-                print(f"[search] CPU: {threads} torch thread(s) ({why}"
-                      + ("; re-chosen before each trial)" if threads_automatic(settings, device) else ")"),
-                      file=sys.stderr)
-            task.prepare(progress=settings.progress)
-            reference = study_reference(settings, study, store, task, device)  # once per study; resume reuses it
-            study_row = store.get_or_create_study(
-                settings.name, backbone=settings.backbone, budget=float(settings.budget), objectives=objectives,
-                data=task.data_description, weights=task.weights_description,
-                settings={**settings.to_dict(), "space": space.describe(), "optuna_storage": storage_display(settings),
-                          "reference": reference})
-            write_study_json(settings, space, task, device, objectives, reference)
-            failed, requeued = recover(study)
-            if failed:
-                print(f"[search] resumed: trial(s) {', '.join(map(str, failed))} were interrupted (worker gone); "
-                      f"marked failed", file=sys.stderr)
-            if requeued:
-                print(f"[search] re-queued the configs of interrupted trial(s) {', '.join(map(str, requeued))}",
-                      file=sys.stderr)
-            mirror = Mirror(store, study_row)
-            mirror.sync(study.get_trials(deepcopy=False))
-            progress = Progress(settings.trials, enabled=settings.progress,
-                                cost_name=settings.cost_objective,
-                                maximize_cost=settings.maximize_cost,
-                                baseline_gmacs=space.baseline_gmacs)
-            interrupted = False
-            try:
-                if settings.workers == 1:
-                    interrupted = _run_in_process(settings, mirror, progress, deadline, task)
-                else:
-                    interrupted = _run_processes(settings, mirror, progress, deadline)
-            finally:
+            if settings.workers == 1:
+                interrupted = _run_in_process(settings, mirror, progress, deadline, task)
+            else:
+                interrupted = _run_processes(settings, mirror, progress, deadline)
+            ran = True
+        finally:
+            try:  # after a failure (a full disk) mirror what can be mirrored; the first error is the one raised
                 final = optuna.load_study(study_name=settings.name, storage=open_storage(settings))
                 trials = final.get_trials(deepcopy=False)
                 mirror.sync(trials)
                 progress.update(trials)
+            except Exception:  # noqa: BLE001
+                if ran:
+                    raise
+            finally:
                 progress.close()
-            confirmed = None
-            if not interrupted:  # the top front configs with more seeds (coordinator only: it writes results.db)
-                from .confirm import run_confirmation
+        confirmed = None
+        if not interrupted:  # the top front configs with more seeds (coordinator only: it writes results.db)
+            from .confirm import run_confirmation
 
-                if settings.confirm.top > 0 and threads_automatic(settings, device):
-                    torch.set_num_threads(trial_threads(settings, device)[0])  # the workers' cores are free now
-                try:
-                    confirmed = run_confirmation(settings, trials, store, study_row, task, space, deadline=deadline)
-                except KeyboardInterrupt:
-                    interrupted = True
-            outcome = _summarise(settings, trials, space, out, t_start, interrupted)
-            outcome.notes = notes + (confirmed.notes if confirmed else [])
-            outcome.confirmed = confirmed.trials if confirmed else []
-            return outcome
-        finally:
-            store.close()
+            if settings.confirm.top > 0 and threads_automatic(settings, device):
+                torch.set_num_threads(trial_threads(settings, device)[0])  # the workers' cores are free now
+            try:
+                confirmed = run_confirmation(settings, trials, store, study_row, task, space, deadline=deadline)
+            except KeyboardInterrupt:
+                interrupted = True
+        warned = baseline_warnings(trials, task)
+        for warning in warned:  # loud, once, and kept on the Optuna study (tpsx_warnings) for the report
+            print(f"[search] WARNING: {warning}", file=sys.stderr)
+        data_warnings = list(task.data_info.get("warnings", []))
+        if warned or data_warnings:
+            with contextlib.suppress(Exception):
+                final.set_user_attr(S_WARNINGS, data_warnings + warned)
+        outcome = _summarise(settings, trials, space, out, t_start, interrupted)
+        outcome.notes = notes + data_warnings + warned + (confirmed.notes if confirmed else [])
+        outcome.confirmed = confirmed.trials if confirmed else []
+        return outcome
+    finally:
+        store.close()
+
+
+def baseline_warnings(trials: list, task: Any) -> list[str]:
+    """A warning when the unreduced baseline's zero-shot top-1 is not above chance (`chance_warning`)."""
+    from ..measure.data import chance_warning
+
+    classes = (task.data_info or {}).get("num_classes")
+    if not classes:
+        return []
+    for t in trials:
+        if t.state != TrialState.COMPLETE or t.user_attrs.get(A_ROLE) != "baseline":
+            continue
+        for m in record(t, "measurements") or []:
+            extra = m.get("extra") or {}
+            if m.get("kind") == "accuracy_top1" and m.get("fidelity") == "zero_shot" and extra.get("n"):
+                w = chance_warning(int(extra.get("correct", 0)), int(extra["n"]), int(classes))
+                return [w] if w else []
+    return []
 
 
 def _run_in_process(settings: SearchSettings, mirror: Mirror, progress: Progress, deadline: float | None,
@@ -616,14 +729,15 @@ def _run_processes(settings: SearchSettings, mirror: Mirror, progress: Progress,
             coord.tick()
             for p in procs:
                 p.join(timeout=1.0 / len(procs))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         interrupted = True
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        forward = signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT  # workers record the same reason
         try:
             for p in procs:
                 if p.is_alive() and p.pid:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGINT)
+                        os.kill(p.pid, forward)
             t_end = time.time() + 60
             for p in procs:
                 p.join(timeout=max(0.1, t_end - time.time()))
@@ -674,14 +788,97 @@ def _summarise(settings: SearchSettings, trials: list, space: SearchSpace, out: 
         + (f"; stopped by --timeout {settings.timeout:g} s (rerun, with a longer one, to go on)"
            if settings.timeout and not interrupted and counted(trials) < settings.trials else ""),
         f"study directory: {d}",
-        f"  results store : {d / 'results.db'} (SQLite; tpsexplore.storage.ResultsStore)",
+        f"  results store : {StudyLayout(d).results_db} (SQLite; tpsexplore.storage.ResultsStore)",
         f"  optuna storage: {storage_display(settings)} (optuna-dashboard {storage_display(settings)})",
-        f"  settings      : {d / 'study.json'}",
-        f"  weights       : {d / 'weights'}/trial_<n>.safetensors (fine-tuned trials)",
-        f"  report        : tpsexplore report {d}  (writes {d / 'report'}/)",
+        f"  manifest      : {StudyLayout(d).manifest}",
+        f"  weights       : {StudyLayout(d).weights_pattern} (fine-tuned trials)",
+        f"  report        : tpsexplore report {d}  (writes {StudyLayout(d).report_dir}/)",
         "",
         *headline,
     ]
     print("\n".join(lines), file=out, flush=True)
-    return SearchOutcome(study_dir=d, exit_code=130 if interrupted else 0, counts=counts, front=front,
+    code = 130 if interrupted else 0
+    complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+    if not interrupted and complete == 0:  # the search ran but measured nothing: exit 1 with one line
+        print(f"search: {no_trial_summary(trials)}; see {StudyLayout(d).results_db}", file=sys.stderr, flush=True)
+        code = 1
+    return SearchOutcome(study_dir=d, exit_code=code, counts=counts, front=front,
                          elapsed_s=elapsed, interrupted=interrupted)
+
+
+def no_trial_summary(trials: list) -> str:
+    """``0 of 4 trials completed (4 failed: nan loss)``: the commonest failure reasons, shortened."""
+    done = [t for t in trials if t.state != TrialState.WAITING]
+    reasons: dict[str, int] = {}
+    for t in done:
+        if t.state == TrialState.COMPLETE:
+            continue
+        outcome = end(t, "outcome") or t.state.name.lower()
+        reasons[f"{outcome}: {_short_reason(end(t, 'reason') or '')}".rstrip(": ")] = \
+            reasons.get(f"{outcome}: {_short_reason(end(t, 'reason') or '')}".rstrip(": "), 0) + 1
+    parts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    return f"0 of {len(done)} trials completed" + (f" ({parts})" if parts else "")
+
+
+def _short_reason(reason: str) -> str:
+    """The gist of a recorded failure reason: 'nan loss', 'undecodable image', else its first words."""
+    low = reason.lower()
+    if "nan" in low and ("loss" in low or "finite" in low):
+        return "nan loss"
+    if "cannot identify image" in low or "cannot be decoded" in low or "unidentifiedimage" in low:
+        return "undecodable image"
+    text = reason.split(":", 1)[1].strip() if reason.startswith(("error:", "interrupted:")) else reason
+    return " ".join(text.split()[:8])
+
+
+# ============================================================================= faults
+class Stopped(KeyboardInterrupt):
+    """The search was stopped by something other than Ctrl-C; ``why`` says what (recorded on the trial)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Stopped("terminated (SIGTERM)")
+
+
+def _on_sigterm() -> Any:
+    """SIGTERM stops the search like Ctrl-C, recorded as 'terminated (SIGTERM)' (main thread only); returns the
+    previous handler (None when not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def stop_reason(exc: BaseException, ctx: TrialContext) -> str | None:
+    """Why a trial was interrupted: a signal (`Stopped`), the worker's stop condition (a coordinator that
+    exited), else None (Ctrl-C)."""
+    why = getattr(exc, "why", None)
+    if why:
+        return str(why)
+    try:
+        s = ctx.stop()
+    except Exception:  # noqa: BLE001
+        return None
+    return s if isinstance(s, str) and s else None
+
+
+_DISK_ERRNOS = {28, 27, 122}  # ENOSPC, EFBIG, EDQUOT
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """'No space left on device (...)' when ``exc`` (or its cause) is a full disk or file-size limit, else None."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{e.strerror or os.strerror(e.errno)}{where}"
+        text = str(e).lower()
+        if "database or disk is full" in text or "no space left on device" in text or "file too large" in text:
+            return one_line(e, limit=200)
+        e = e.__cause__ or e.__context__
+    return None

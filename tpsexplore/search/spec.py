@@ -26,15 +26,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..manifest import parse_storage
+from .defaults import (CONFIRM_SEEDS, CONFIRM_TOP, DEFAULT_BACKBONE, DEFAULT_BUDGET,  # light: shared with --help
+                       DEFAULT_FINETUNE_STEPS, DEFAULT_TRIALS, OBJECTIVES, WEIGHTS)
 from .space import SpaceSettings, resolve_variants
 
-OBJECTIVES = {
-    "accuracy,gflops": (("accuracy", "maximize"), ("gflops", "minimize")),
-    "accuracy,throughput": (("accuracy", "maximize"), ("throughput", "maximize")),
-    "accuracy,latency": (("accuracy", "maximize"), ("latency", "minimize")),
-}
-DEFAULT_TRIALS = 20
-DEFAULT_FINETUNE_STEPS = 40
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,120}$")
 MODEL_KEYS = ("img_size", "patch_size", "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio",
@@ -135,8 +131,8 @@ class ConfirmSettings:
     3 runs (about 1 minute): each confirmed accuracy is the mean of 2 seeds. ``--confirm 2x2`` gives 3 seeds.
     """
 
-    top: int = 2
-    seeds: int = 1
+    top: int = CONFIRM_TOP
+    seeds: int = CONFIRM_SEEDS
     baseline: bool = True
 
     def validate(self) -> "ConfirmSettings":
@@ -154,8 +150,8 @@ class ConfirmSettings:
 class SearchSettings:
     """One search (see the module docstring); `validate` checks everything that needs no file system."""
 
-    backbone: str = "deit_t"
-    budget: float = 0.35
+    backbone: str = DEFAULT_BACKBONE
+    budget: float = DEFAULT_BUDGET
     trials: int = DEFAULT_TRIALS
     timeout: float | None = None
     methods: tuple[str, ...] | None = None
@@ -170,6 +166,7 @@ class SearchSettings:
     seed: int = 0
     data: str | None = None
     checkpoint: str | None = None
+    weights: str = "pretrained"
     threads: int = 0
     progress: bool = True
     study_file: str | None = None
@@ -244,6 +241,13 @@ class SearchSettings:
             raise ValueError(f"workers: {self.workers!r} is not an integer >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: {self.seed!r} is not an integer")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights: {self.weights!r}; allowed: {', '.join(WEIGHTS)} (a local file: checkpoint)")
+        if self.weights == "random" and self.data is None:
+            raise ValueError("weights: 'random' needs data (real images); the offline proxy task uses its own "
+                             "proxy-pretrained weights")
+        if self.weights == "random" and self.checkpoint is not None:
+            raise ValueError(f"weights: 'random' contradicts checkpoint {self.checkpoint!r}; give one of them")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads: {self.threads!r} is not an integer >= 0 (0 = automatic)")
         kind = storage_kind(self.storage)
@@ -256,6 +260,18 @@ class SearchSettings:
         unknown = sorted(set(self.model) - set(MODEL_KEYS))
         if unknown:
             raise ValueError(f"model.{unknown[0]}: unknown backbone override; allowed: {', '.join(MODEL_KEYS)}")
+        for key, value in self.model.items():
+            if key == "mlp_ratio":
+                if not _is_number(value) or not value > 0:
+                    raise ValueError(f"model.mlp_ratio: {value!r} is not a number > 0")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}: {value!r} is not an integer >= 1")
+        if self.train:
+            from ..measure.train import FinetuneConfig
+
+            check_field_types("train", {k: v for k, v in self.train.items() if k != "distill"}, FinetuneConfig)
+            if "distill" in self.train and not isinstance(self.train["distill"], bool):
+                raise ValueError(f"train.distill: {self.train['distill']!r} is not true or false")
         self.space.validate()
         self.measure.validate()
         self.gate.validate()
@@ -271,28 +287,37 @@ class SearchSettings:
         return d
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_TYPE_CHECKS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_field_types(section: str, values: dict[str, Any], cls: type) -> None:
+    """Each value must have its dataclass field's type (``int | None`` etc.); one line naming section.key,
+    the value and the expected type otherwise. Unknown keys and fields of other types are left to the caller."""
+    types = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in values.items():
+        if key not in types or value is None:
+            continue
+        names = [t.strip() for t in types[key].split("|") if t.strip() != "None"]
+        checks = [_TYPE_CHECKS[n] for n in names if n in _TYPE_CHECKS]
+        if len(checks) != len(names) or not checks:
+            continue  # a type this check does not know (tuples, dicts): the constructor validates it
+        if not any(ok(value) for ok, _ in checks):
+            raise ValueError(f"{section}.{key}: {value!r} is not {' or '.join(w for _, w in checks)}")
+
+
 def storage_kind(storage: str | None) -> str:
-    """'journal' (default / a path), 'sqlite', 'postgresql' or 'rdb' (another SQLAlchemy URL)."""
-    if storage is None or storage == "":
-        return "journal"
-    if not isinstance(storage, str):
-        raise ValueError(f"storage: {storage!r} is not a URL or path")
-    if storage.startswith("journal:"):
-        return "journal"
-    if "://" not in storage:
-        if storage.endswith((".journal", ".log")):
-            return "journal"
-        raise ValueError(f"storage: {storage!r} is neither a journal file (*.journal) nor a URL "
-                         "(postgresql://user@host/db, sqlite:///file.db)")
-    scheme = storage.split("://", 1)[0].split("+", 1)[0].lower()
-    if scheme == "sqlite":
-        return "sqlite"
-    if scheme in ("postgresql", "postgres"):
-        return "postgresql"
-    if scheme in ("mysql", "mariadb"):
-        return "rdb"
-    raise ValueError(f"storage: {storage!r} uses scheme {scheme!r}; allowed: a journal file, postgresql://..., "
-                     "sqlite:///... (one worker)")
+    """'journal' (default / a path), 'sqlite', 'postgresql' or 'rdb' (`tpsexplore.manifest.parse_storage`, which
+    refuses a malformed URL with one line)."""
+    return "journal" if storage is None or storage == "" else parse_storage(storage).kind
 
 
 # ---------------------------------------------------------------------------- TOML study files

@@ -139,16 +139,22 @@ class Task:
             self.weights_description = f"proxy-pretrained (cache {cache.name})"
         else:
             self.data_description = f"real: {settings.data}"
-            self.weights_description = f"checkpoint: {settings.checkpoint}" if settings.checkpoint else "hub pretrained"
+            self.weights_description = f"checkpoint: {settings.checkpoint}" if settings.checkpoint else \
+                "random init (not pretrained)" if settings.weights == "random" else "hub pretrained"
 
     # ------------------------------------------------------------------ setup
     def _meta_geometry(self) -> ViTGeometry:
         import timm
 
-        from ..backbones import resolve_name
+        from ..backbones import vit_name
 
-        with torch.device("meta"):
-            model = timm.create_model(resolve_name(self.settings.backbone), pretrained=False, **self.model_kwargs)
+        name = vit_name(self.settings.backbone)  # a non-ViT fails here with one line naming it
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, **self.model_kwargs)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            raise ValueError(f"model: {self.model_kwargs} cannot build {name}: {' '.join(str(e).split())[:200]}") \
+                from None
         return geometry_from_model(model)
 
     def prepare(self, progress: bool = True) -> None:
@@ -159,16 +165,17 @@ class Task:
         if self.proxy:
             model, info = proxy_backbone(s.backbone, seed=s.seed, progress=progress, cfg=self.proxy_cfg)
             spec = DataSpec(**info["data_spec"])
-            self.weights_info = {"kind": "proxy-pretrained", "checkpoint": info.get("checkpoint"),
+            self.weights_info = {"source": "proxy-pretrained", "checkpoint": info.get("checkpoint"),
                                  "val_top1": info.get("val_top1"), "note": info.get("weights_note"),
                                  "cache": info.get("cache"), "train_seconds": info.get("train_seconds")}
         else:
             from ..backbones import create_backbone
 
-            model = create_backbone(s.backbone, weights="checkpoint" if s.checkpoint else "pretrained",
+            model = create_backbone(s.backbone, weights="checkpoint" if s.checkpoint else s.weights,
                                     checkpoint=s.checkpoint, **self.model_kwargs)
             spec = DataSpec(**{"seed": s.seed, **s.dataset, "path": s.data})
-            self.weights_info = {"kind": "checkpoint" if s.checkpoint else "hub", "checkpoint": s.checkpoint}
+            source = "checkpoint" if s.checkpoint else "random" if s.weights == "random" else "hub"
+            self.weights_info = {"source": source, "checkpoint": s.checkpoint}
         train, val, info = build_datasets(spec, model)
         self.train_set, self.val_set = train, val
         self.data_info = {k: v for k, v in info.items() if k != "classes"}

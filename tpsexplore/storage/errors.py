@@ -10,6 +10,10 @@ class CorruptDatabaseError(StoreError):
     """The file is not a SQLite database, or SQLite reports it damaged; the file is left untouched."""
 
 
+class ForeignDatabaseError(StoreError):
+    """The SQLite file holds tables another program wrote; it is refused before any write, left untouched."""
+
+
 class SchemaVersionError(StoreError):
     """The database was written with another (or no) tpsexplore schema version."""
 
@@ -18,9 +22,3 @@ class StudyMismatchError(StoreError):
     """A study of this name exists with other settings (backbone, budget, ...) than the caller expects."""
 
 
-def one_line(exc: BaseException | str) -> str:
-    """The message of ``exc`` (or its DBAPI cause) squeezed onto one line."""
-    if isinstance(exc, BaseException):
-        exc = getattr(exc, "orig", None) or exc
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -6,6 +6,7 @@ A measurement becomes the wide column ``kind@qualifier``; the qualifier joins, w
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -48,7 +49,9 @@ def _freeze(value: Any) -> Any:
 
 def build_trials_frame(trials: Iterable[Mapping[str, Any]], measurements: Iterable[Mapping[str, Any]]
                        ) -> pd.DataFrame:
-    """One row per trial: trial fields, ``time.<phase>`` durations, ``config.<key>`` and pivoted measurements.
+    """One row per trial: trial fields, ``time.<phase>`` durations, ``config_json`` (the stored config, JSON text:
+    read it back with ``ReductionConfig.from_json``), ``config.<key>`` (the same config flattened, for tables) and
+    pivoted measurements.
 
     ``trials`` carry the TRIAL_COLUMNS plus ``config`` and ``durations`` dicts; ``measurements`` carry
     ``trial_id``, ``column`` and ``value``, ordered oldest first: for repeated measurements with the same
@@ -58,9 +61,10 @@ def build_trials_frame(trials: Iterable[Mapping[str, Any]], measurements: Iterab
     for t in trials:
         row = {c: t.get(c) for c in TRIAL_COLUMNS}
         row.update(flatten("time", t.get("durations") or {}))
+        row["config_json"] = json.dumps(t.get("config") or {}, sort_keys=True)
         row.update(flatten("config", t.get("config") or {}))
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=None if rows else list(TRIAL_COLUMNS))
+    frame = pd.DataFrame(rows, columns=None if rows else [*TRIAL_COLUMNS, "config_json"])
     for col in FLOAT_COLUMNS:
         frame[col] = frame[col].astype("float64")
     for col in INT_COLUMNS:

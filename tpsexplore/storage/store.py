@@ -9,7 +9,8 @@ Design:
 - Every public write is one transaction: it either lands completely or not at all.
 - Tables are created on first use; the ``meta`` table holds the schema version and a database with another
   (or no) version is refused with one clear line.
-- A file that is not a SQLite database, or is damaged, is checked read-only first and left untouched.
+- A file that is not a SQLite database, is damaged, holds tables another program wrote, or has another schema
+  version is checked read-only (``mode=ro``) first and refused with one line, left byte-identical.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from sqlalchemy import Engine, URL, create_engine, event, inspect, make_url, sel
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from .errors import CorruptDatabaseError, SchemaVersionError, StoreError, StudyMismatchError, one_line
+from ..errors import one_line
+from .errors import CorruptDatabaseError, ForeignDatabaseError, SchemaVersionError, StoreError, StudyMismatchError
 from .frames import TRIAL_COLUMNS, build_measurements_frame, build_trials_frame, measurement_column
 from .schema import (DATA_TABLES, META_TABLE, FINAL_TRIAL_STATES, SCHEMA_VERSION, Base, EnvironmentRow, MeasurementRow,
                      Meta, StudyRow, TrialRow, utcnow)
@@ -94,7 +96,10 @@ class ResultsStore:
             kwargs["connect_args"] = {"connect_timeout": max(1, int(math.ceil(connect_timeout_s)))}
         try:
             self._engine = create_engine(url, **kwargs)
-        except (ImportError, ArgumentError) as e:
+        except ImportError as e:  # a driver missing: plain postgresql:// URLs need psycopg 3
+            raise StoreError(f"results database {self.display!r} cannot be opened: {one_line(e)} (install "
+                             "tpsexplore's dependencies: pip install 'psycopg[binary]')") from None
+        except ArgumentError as e:
             raise StoreError(f"results database {self.display!r} cannot be opened: {one_line(e)}") from None
         if backend == "sqlite":
             _install_sqlite_hooks(self._engine, busy_timeout_s, wal=sqlite_file)
@@ -435,14 +440,22 @@ def _resolve_url(url_or_path: str | os.PathLike[str]) -> tuple[URL, str]:
         raise ValueError(f"results database: {url_or_path!r} is not a path or URL")
     try:
         url = make_url(url_or_path)
-    except ArgumentError:
-        raise ValueError(f"results database: {url_or_path!r} is not a valid URL; give a file path, "
-                         "sqlite:///path or postgresql://user@host/db") from None
+        port = url.port
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
+        raise ValueError(f"results database: {_hide_password(url_or_path)!r} is not a valid URL ({one_line(e)}); "
+                         "give a file path, sqlite:///path or postgresql://user@host:port/db") from None
     display = url.render_as_string(hide_password=True)
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"results database: {display!r} has port {port}; a port is a number 1-65535")
     if url.get_backend_name() not in SUPPORTED_BACKENDS:
         raise ValueError(f"results database: {display!r} uses backend {url.get_backend_name()!r}; allowed: "
                          "a file path, sqlite:///path or postgresql://user@host/db")
     return url, display
+
+
+def _hide_password(url: str) -> str:
+    """``url`` with the password of ``user:password@`` replaced by ``***``, even when the rest does not parse."""
+    return re.sub(r"^([^:/]+://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _check_sqlite_file(path: Path, display: str, busy_timeout_s: float) -> None:
@@ -479,6 +492,11 @@ def _check_sqlite_file(path: Path, display: str, busy_timeout_s: float) -> None:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
         try:
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = None
+            if problems == ["ok"] and META_TABLE in tables:
+                row = conn.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'").fetchone()
+                version = row[0] if row else None
         finally:
             conn.close()
     except sqlite3.DatabaseError as e:
@@ -490,6 +508,24 @@ def _check_sqlite_file(path: Path, display: str, busy_timeout_s: float) -> None:
     if problems != ["ok"]:
         raise CorruptDatabaseError(f"results database {display!r} is corrupt or not a SQLite file: "
                                    f"{one_line('; '.join(map(str, problems)))}")
+    _check_tables(tables, version, display)
+
+
+def _check_tables(tables: set[str], version: str | None, display: str) -> None:
+    """Refuse, before anything is written, a SQLite database that another program (or another schema
+    version) wrote: its tables must be ours only (``tpsx_*``, with ``tpsx_meta`` naming this version)."""
+    ours = {META_TABLE, *DATA_TABLES}
+    foreign = sorted(n for n in tables if n not in ours and not n.startswith("sqlite_"))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ForeignDatabaseError(f"results database {display!r} holds tables tpsexplore did not write ({shown}); "
+                                   "it is left untouched: give a new file path")
+    if tables & set(DATA_TABLES) and META_TABLE not in tables:
+        raise SchemaVersionError(f"results database {display!r} has tables {sorted(tables & set(DATA_TABLES))} but no "
+                                 f"{META_TABLE!r} table, so it was not written by tpsexplore (use a new database file)")
+    if META_TABLE in tables and version != str(SCHEMA_VERSION):
+        raise SchemaVersionError(f"results database {display!r} has schema version {version!r}; this tpsexplore "
+                                 f"reads schema version {SCHEMA_VERSION} only (use a new database file)")
 
 
 def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float, *, wal: bool) -> None:
