@@ -261,7 +261,8 @@ def _start_and_wait(cmd: list[str], study_dir: Path, timeout: float = 120) -> su
     return proc
 
 
-@pytest.mark.slow  # ~60 s on 2 shared cores: two spawned workers must start a trial before the kill
+# ~25 s on an idle 2-core machine (two spawned workers must start a trial before the kill); in the default run
+# because nothing else covers a killed coordinator
 def test_killed_coordinator_is_recorded_by_its_workers(files, tmp_path):
     study = _study(tmp_path, data=files / "data", checkpoint=files / "ok.safetensors", trials=6, steps=400,
                    workers=2)

@@ -483,9 +483,14 @@ def test_export_pick_rules(proxy_study: Path, tmp_path):
 def test_exported_config_warns_on_another_backbone(proxy_study: Path, tmp_path):
     out = tmp_path / "c.json"
     assert main(["export", str(proxy_study), "--trial", "1", "-o", str(out)]) == 0
+    same_geometry = create_backbone("vit_tiny_patch16_224", weights="random", **TINY, num_classes=10)
+    with pytest.warns(UserWarning, match="backbone"):  # another name, the searched geometry: a warning
+        apply(same_geometry, str(out))
     other = create_backbone("deit_s", weights="random", img_size=32, patch_size=8, num_classes=10, depth=4)
-    with pytest.warns(UserWarning, match="backbone"):
+    with pytest.raises(ValueError, match="^geometry: .* width 64.* width 384"):  # another width: refused
         apply(other, str(out))
+    with pytest.warns(UserWarning, match="^geometry: adapted"):  # unless asked to adapt (tests/test_deploy_config.py)
+        apply(other, str(out), adapt=True)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -11,7 +11,6 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ReductionConfig": "tpsexplore.reduce.config",
-    "apply": "tpsexplore.reduce.patch",
     "remove": "tpsexplore.reduce.patch",
     "last_info": "tpsexplore.reduce.patch",
     "track_sources": "tpsexplore.reduce.patch",
@@ -26,7 +25,25 @@ _EXPORTS = {
     "build_report": "tpsexplore.report",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "apply", *_EXPORTS]
+
+
+def apply(model, config, track_sources: bool = False, *, adapt: bool = False):
+    """`tpsexplore.reduce.apply`, with the analytic GMACs counter (`tpsexplore.measure.flops`) wired in.
+
+    A deployment config applied to a model of another geometry is refused with one line naming both, unless
+    ``adapt=True``: then it is rescaled (keep ratios kept, ToMe's r scaled by the patch-token ratio) and one warning
+    line gives the new GMACs and their factor against the searched ones. The counter sits above the core
+    (layering), so the package root passes it down.
+    """
+    from .reduce.patch import apply as _apply
+
+    def gmacs(config):
+        from .measure.flops import analytic_macs, geometry_from_model
+
+        return analytic_macs(config, geometry_from_model(model)).gmacs
+
+    return _apply(model, config, track_sources, adapt=adapt, gmacs=gmacs)
 
 
 def __getattr__(name: str):

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..manifest import Geometry
 from . import ops
 from .config import ReductionConfig, parse_json
 from .modules import ReductionStage
@@ -276,27 +278,53 @@ def _patched_class(cls: type) -> type:
 
 
 def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
-          track_sources: bool = False) -> VisionTransformer:
+          track_sources: bool = False, *, adapt: bool = False,
+          gmacs: Callable[[ReductionConfig], float] | None = None) -> VisionTransformer:
     """Patch ``model`` in place to reduce tokens as ``config`` says, and return it.
 
-    ``config`` may be a ReductionConfig, its dict, JSON text, or a path to a JSON file (a deployment
-    config exported by ``tpsexplore export`` is accepted; a different backbone gives a warning).
-    Re-applying replaces the previous reduction.
+    ``config`` may be a ReductionConfig, its dict, JSON text, or a path to a JSON file. A deployment config
+    exported by ``tpsexplore export`` records the geometry it was searched on (``geometry``: patch and prefix
+    tokens, depth, width, image size): on a model of another geometry `apply` refuses with one line naming both,
+    unless ``adapt`` is true. Adapting keeps the keep ratios, rescales ToMe's r (and r_schedule) by the ratio of
+    patch tokens, refuses locations beyond the model's depth, and warns one line with the new cost and its
+    factor against the searched one (`Adaptation`, also kept as ``model.tps_adaptation``). ``gmacs`` counts a
+    config's GMACs on this model for that line (`tpsexplore.apply` passes the analytic counter of
+    `tpsexplore.measure.flops`, which sits above this layer); without it the line gives token counts only.
+    A config without a recorded geometry (a plain ReductionConfig) applies as it is; a different backbone name
+    on the same geometry gives a warning. Re-applying replaces the previous reduction.
     """
-    config, expected_backbone = _coerce_config(config)
+    config, expected_backbone, searched, cost = _coerce_config(config)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"model: {type(model).__name__} is not a timm VisionTransformer")
     _check_supported(model)
     depth = len(model.blocks)
     p = model.num_prefix_tokens
     num_patches = model.patch_embed.num_patches
+    adaptation = None
+    if searched is not None:
+        actual = model_geometry(model)
+        if not same_geometry(searched, actual):
+            if not adapt:
+                raise ValueError(f"geometry: the config was searched on {describe_geometry(searched)}, the model is "
+                                 f"{describe_geometry(actual)}; apply(model, config, adapt=True) rescales it (keep "
+                                 "ratios kept, ToMe r scaled by the patch-token ratio)")
+            adaptation = Adaptation(searched, actual, config, adapt_config(config, searched, actual),
+                                    cost.get("gmacs"), cost.get("baseline_gmacs"))
+            config = adaptation.config
     sched = token_schedule(config, num_patches=num_patches, num_prefix=p, depth=depth)  # validates the config
     check_merge_r(config, num_patches, depth)  # a ToMe r no block can merge is refused, not clamped silently
-    if expected_backbone:
-        actual = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
+    if adaptation is not None:
+        adaptation.tokens = (p + num_patches, sched.final_tokens)
+        adaptation.searched_tokens = _final_tokens(adaptation.original, searched)
+        if gmacs is not None:
+            adaptation.gmacs = float(gmacs(config))
+            adaptation.baseline_gmacs = float(gmacs(ReductionConfig()))
+        warnings.warn(adaptation.describe(), stacklevel=2)
+    elif expected_backbone:
+        actual_name = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
             getattr(model, "default_cfg", {}).get("architecture")
-        if actual and actual != expected_backbone:
-            warnings.warn(f"backbone: the config was exported for {expected_backbone}, the model is {actual}",
+        if actual_name and actual_name != expected_backbone:
+            warnings.warn(f"backbone: the config was exported for {expected_backbone}, the model is {actual_name}",
                           stacklevel=2)
     if isinstance(model, TokenReductionMixin):
         remove(model)
@@ -328,6 +356,8 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
     model.tps_config = config
     model.tps_options = {"track_sources": track_sources}
     model.tps_schedule = sched
+    if adaptation is not None:
+        model.tps_adaptation = adaptation
     return model
 
 
@@ -339,7 +369,7 @@ def remove(model: VisionTransformer) -> VisionTransformer:
         if hasattr(blk, "tps_stage"):
             del blk.tps_stage
     model.__class__ = model._tps_original_class
-    for name in ("tps_config", "tps_options", "tps_schedule", "tps_last_info"):
+    for name in ("tps_config", "tps_options", "tps_schedule", "tps_last_info", "tps_adaptation"):
         if name in model.__dict__:
             delattr(model, name)
     return model
@@ -387,9 +417,11 @@ def _check_supported(model: VisionTransformer) -> None:
         raise ValueError("model: attention-pool heads are not supported")
 
 
-def _coerce_config(config) -> tuple[ReductionConfig, str | None]:
+def _coerce_config(config) -> tuple[ReductionConfig, str | None, Geometry | None, dict[str, float]]:
+    """(config, backbone name, searched geometry, searched costs) of whatever `apply` was given; the last three
+    only for a deployment config (a dict with ``reduction``)."""
     if isinstance(config, ReductionConfig):
-        return config, None
+        return config, None, None, {}
     if isinstance(config, dict):
         data = config
     else:
@@ -401,9 +433,125 @@ def _coerce_config(config) -> tuple[ReductionConfig, str | None]:
                 raise FileNotFoundError(f"config: {text!r} does not exist")
             text, source = path.read_text(), text
         data = parse_json(text, source)
-    backbone = None
+    backbone, geometry, cost = None, None, {}
     if isinstance(data.get("reduction"), dict):
         backbone = (data.get("backbone") or {}).get("timm_name") if isinstance(data.get("backbone"), dict) \
             else data.get("backbone")
+        geometry = read_geometry(data.get("geometry"))
+        for key in ("gmacs", "baseline_gmacs"):
+            value = data.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+                cost[key] = float(value)
         data = data["reduction"]
-    return ReductionConfig.from_dict(data), backbone
+    return ReductionConfig.from_dict(data), backbone, geometry, cost
+
+
+# ----------------------------------------------------------------------------- geometry
+GEOMETRY_KEYS = ("num_patches", "num_prefix", "depth", "width", "img_size")
+"""What must match for a config to run as searched: patch and prefix tokens, depth, width, image size."""
+
+
+def model_geometry(model: VisionTransformer) -> Geometry:
+    """The `tpsexplore.manifest.Geometry` of a timm VisionTransformer (patched or not)."""
+    pe = model.patch_embed
+    head = getattr(model, "head", None)
+    return Geometry(num_patches=int(pe.num_patches), num_prefix=int(model.num_prefix_tokens),
+                    depth=len(model.blocks), width=int(model.embed_dim), img_size=int(pe.img_size[0]),
+                    patch_size=int(pe.patch_size[0]), num_classes=int(getattr(head, "out_features", 0) or 0),
+                    num_heads=int(model.blocks[0].attn.num_heads) if len(model.blocks) else 0)
+
+
+def read_geometry(data: Any) -> Geometry | None:
+    """The ``geometry`` of a deployment config (None when it records none); a malformed one is one line."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"geometry: {data!r} is not an object of {', '.join(f.name for f in fields(Geometry))}")
+    values = {}
+    for f in fields(Geometry):
+        v = data.get(f.name, 0 if f.name not in GEOMETRY_KEYS else None)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and f.name in GEOMETRY_KEYS
+                                                                       and f.name != "num_prefix"):
+            raise ValueError(f"geometry: field {f.name!r} is {v!r}, not a positive integer")
+        values[f.name] = v
+    return Geometry(**values)
+
+
+def same_geometry(a: Geometry, b: Geometry) -> bool:
+    """True when a config searched on ``a`` runs unchanged on ``b`` (`GEOMETRY_KEYS` agree)."""
+    return all(getattr(a, k) == getattr(b, k) for k in GEOMETRY_KEYS)
+
+
+def describe_geometry(g: Geometry) -> str:
+    """``img 56 (49 patch + 1 prefix tokens), depth 4, width 64``: a geometry on one line."""
+    return (f"img {g.img_size} ({g.num_patches} patch + {g.num_prefix} prefix tokens), depth {g.depth}, "
+            f"width {g.width}")
+
+
+def adapt_config(config: ReductionConfig, searched: Geometry, actual: Geometry) -> ReductionConfig:
+    """``config`` searched on ``searched`` for a model of ``actual``: keep ratios as they are (they are relative),
+    ToMe's r and r_schedule scaled by the patch-token ratio (r is an absolute count; at least 1 where it was
+    positive), locations checked against the new depth. One-line ValueError when it cannot carry over."""
+    depth = actual.depth
+    where = f"searched on depth {searched.depth}; the model has {depth} blocks"
+    if config.locations and max(config.locations) >= depth:
+        raise ValueError(f"locations: {list(config.locations)} reach beyond the model's depth ({where}); allowed "
+                         f"0..{depth - 1}, so this config cannot be adapted")
+    if config.spec is None or config.spec.policy != "merge":
+        return config
+    ratio = actual.num_patches / searched.num_patches
+
+    def scale(r: int) -> int:
+        return 0 if r <= 0 else max(1, int(math.floor(r * ratio + 0.5)))
+
+    if config.r_schedule:
+        if len(config.r_schedule) != depth:
+            raise ValueError(f"r_schedule: has {len(config.r_schedule)} entries, one per searched block ({where}); "
+                             "it cannot be adapted to another depth")
+        return config.with_(r_schedule=tuple(scale(r) for r in config.r_schedule))
+    return config.with_(r=scale(config.r))
+
+
+def _final_tokens(config: ReductionConfig, g: Geometry) -> int:
+    return token_schedule(config, g.num_patches, g.num_prefix, g.depth).final_tokens
+
+
+@dataclass
+class Adaptation:
+    """What ``apply(model, config, adapt=True)`` changed: the searched and the model's geometry, the config as
+    searched and as it now runs, the tokens (input, final) on both, and the GMACs: searched (from the deployment
+    config) and now (when counted), each with its unreduced baseline."""
+
+    searched: Geometry
+    actual: Geometry
+    original: ReductionConfig
+    config: ReductionConfig
+    searched_gmacs: float | None = None
+    searched_baseline_gmacs: float | None = None
+    gmacs: float | None = None
+    baseline_gmacs: float | None = None
+    tokens: tuple[int, int] = (0, 0)
+    searched_tokens: int = 0
+
+    @property
+    def factor(self) -> float | None:
+        """GMACs now / GMACs searched (None when either is unknown)."""
+        if self.gmacs is None or not self.searched_gmacs:
+            return None
+        return self.gmacs / self.searched_gmacs
+
+    def describe(self) -> str:
+        """The one warning line."""
+        line = (f"geometry: adapted {self.original.label!r} searched on {describe_geometry(self.searched)} to the "
+                f"model's {describe_geometry(self.actual)} as {self.config.label!r}: {self.tokens[0]} -> "
+                f"{self.tokens[1]} tokens (searched {self.searched.num_patches + self.searched.num_prefix} -> "
+                f"{self.searched_tokens})")
+        if self.gmacs is not None:
+            line += f"; {self.gmacs:.4g} GMACs"
+            if self.baseline_gmacs:
+                line += f" = {self.gmacs / self.baseline_gmacs:.2f}x this model's baseline"
+            if self.factor is not None:
+                line += f", {self.factor:.3g}x the searched {self.searched_gmacs:.4g} GMACs"
+                if self.searched_baseline_gmacs:
+                    line += f" ({self.searched_gmacs / self.searched_baseline_gmacs:.2f}x its baseline)"
+        return line

@@ -21,7 +21,7 @@ import importlib
 _EXPORTS = {
     "Report": ".build", "build_report": ".build",
     "deployment_config": ".export", "export_trial": ".export", "load_deployment": ".export",
-    "select_trial": ".export", "trial_config": ".export",
+    "select_trial": ".export", "trial_config": ".export", "deployment_weights": ".export", "trial_model": ".export",
     "StudyData": ".frame", "compare_trials": ".frame", "load_trials": ".frame", "open_study": ".frame",
     "load_optuna_study": ".importance", "param_importances": ".importance",
     "compute_keep_maps": ".keepmaps", "plot_keep_maps": ".keepmaps",
@@ -35,11 +35,11 @@ _EXPORTS = {
 
 __all__ = [
     "PUBLISHED", "Report", "StudyData", "best_within_budget", "build_report", "compare_trials", "compute_keep_maps",
-    "deployment_config", "export_trial", "hypervolume", "hypervolume_history", "load_deployment",
+    "deployment_config", "deployment_weights", "export_trial", "hypervolume", "hypervolume_history", "load_deployment",
     "load_optuna_study", "load_trials", "method_palette", "open_study", "param_importances", "pareto_front",
     "pareto_mask", "parse_objectives", "plot_budget_sweep", "plot_hypervolume", "plot_importance",
     "plot_keep_maps", "plot_method_fronts", "plot_published", "plot_tradeoff", "published_points",
-    "select_trial", "trial_config", "treatment_groups",
+    "select_trial", "trial_config", "treatment_groups", "trial_model",
 ]
 
 

@@ -5,10 +5,20 @@
      "backbone": {"name", "timm_name", "img_size", "patch_size", "num_classes", ...},
      "measurements": {"gmacs@analytic": {"value": 0.18, "unit": "GMACs", "fidelity": "analytic", ...}, ...},
      "tokens": [[attention tokens, MLP tokens] per block, on the backbone's geometry],
+     "geometry": {"num_patches", "num_prefix", "depth", "width", "img_size", ...}  (the manifest's: what the
+                 trial was searched on; `apply` refuses another geometry unless adapt=True),
+     "gmacs": trial's analytic GMACs on that geometry, "baseline_gmacs": the unreduced baseline's (manifest),
+     "proxy": true when the accuracies were measured on the offline proxy task, false on real data,
+     "weights": {"path", "sha256", "bytes"} or null (the study kept no weights for the trial),
      "hardware": {...}, "versions": {...},
-     "study": {"name", "path", "results_db", "manifest_version", "budget": {"fraction", "gmacs", "baseline_gmacs"},
-               "objectives", "data", "weights", "proxy", "fidelity"}  (from the study manifest),
-     "trial": N, "label": "...", "weights": "path or null"}
+     "study": {"name", "path" (absolute), "results_db", "manifest_version", "budget": {"fraction", "gmacs",
+               "baseline_gmacs"}, "objectives", "data", "weights", "proxy", "fidelity"}  (from the study manifest),
+     "trial": N, "label": "..."}
+
+``weights.path`` is the trial's file in the study (``weights/trial_<n>.safetensors``, relative to the study folder)
+or, with ``--weights FILE``, the copy (relative to the config's folder). `load_deployment` resolves a relative path
+against the config's folder, then the study folder (never the current directory), verifies the sha256 and refuses
+missing or changed weights with one line: it never returns a randomly initialised model.
 
 A trial is chosen by number (``trial=N``) or by a rule: ``pick="max-accuracy"`` with optional limits
 ``max_gmacs``, ``min_throughput`` (img/s at ``batch_size``, default the study's largest) and
@@ -17,6 +27,7 @@ McNemar test cannot tell apart from the most accurate within the budget).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -28,7 +39,10 @@ from typing import Any
 
 import pandas as pd
 
+from ..manifest import StudyLayout, atomic_write
+from ..measure.flops import analytic_macs
 from ..reduce import ReductionConfig, token_schedule
+from ..reduce.config import parse_json
 from .frame import StudyData, open_study, runtime_columns
 from .frame import trial_config as stored_config
 from .model import backbone_geometry, build_model, with_weight_geometry
@@ -202,6 +216,11 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
     sched = token_schedule(config, geo.num_patches, geo.num_prefix, geo.depth)
     tokens = [list(b) for b in sched.blocks]
     m = data.manifest
+    root = Path(data.root).resolve() if data.root else None
+    entry = None
+    if weights is not None:  # the study's own file, named relative to the study folder
+        w = Path(weights).resolve()
+        entry = weights_entry(w, root if root is not None and w.is_relative_to(root) else None)
     cfg = {
         "format": FORMAT,
         "reduction": config.to_dict(),
@@ -209,15 +228,20 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
         "backbone": backbone,
         "measurements": measurements,
         "tokens": tokens,
+        "geometry": asdict(m.geometry),
+        "gmacs": analytic_macs(config, geo).gmacs,
+        "baseline_gmacs": m.budget.baseline_gmacs,
+        "proxy": bool(m.data.is_proxy),
+        "weights": entry,
         "hardware": hardware,
         "versions": versions,
-        "study": {"name": data.name, "path": str(data.root) if data.root else None, "results_db": data.db,
+        "study": {"name": data.name, "path": str(root) if root else None,
+                  "results_db": data.db if "://" in data.db else str(Path(data.db).resolve()),
                   "manifest_version": m.version, "budget": asdict(m.budget), "objectives": m.objective_specs,
                   "data": asdict(m.data), "weights": asdict(m.weights), "proxy": m.proxy,
                   "fidelity": asdict(m.fidelity), "accuracy_column": data.trials.attrs.get("accuracy_column")},
         "trial": int(row["number"]),
         "variant": row.get("variant"),
-        "trial_weights": str(weights) if weights else None,
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return json.loads(json.dumps(cfg, default=_json_value))  # plain JSON types only (no numpy scalars)
@@ -231,7 +255,8 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """Choose a trial (by number or rule), write its deployment config to ``out`` and return it.
 
     ``weights`` also writes the trial's fine-tuned weights there (.safetensors copies the file, .pth/.pt
-    saves a torch state dict); ValueError when the study did not keep that trial's weights.
+    saves a torch state dict) and names that copy in the config; ValueError when the study did not keep that
+    trial's weights. Every target is checked before anything is written, and each file is written atomically.
     """
     from .writable import check_output_file
 
@@ -252,41 +277,117 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
         where = data.layout.weights_dir if data.layout else "the study directory (a bare database was given)"
         raise ValueError(f"weights: trial {number} of study {data.name!r} has no saved weights in {where}; "
                          "the search keeps fine-tuned weights of complete fine-tuned trials only")
+    if src is not None:
+        src = src.resolve()
+    # issue 10 part 3 goes here: `--format onnx|pt2` builds `trial_model(data, row)` (weights resolved and checked
+    # as for --weights) and hands it to tpsexplore.deploy; everything above has been checked, nothing written yet
     cfg = deployment_config(data, row)
     if weights is not None:
         dst = Path(weights)
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.suffix == src.suffix:
-            shutil.copyfile(src, dst)
+            with src.open("rb") as fh:
+                atomic_write(dst, lambda f: shutil.copyfileobj(fh, f))
         elif dst.suffix in (".pth", ".pt"):
             import torch
 
             from ..backbones import read_state_dict
-            torch.save(read_state_dict(src), dst)
+            state = read_state_dict(src)
+            atomic_write(dst, lambda f: torch.save(state, f))
         else:
             raise ValueError(f"weights: {str(dst)!r} must end in .safetensors, .pth or .pt")
-        cfg["weights"] = str(dst)
+        cfg["weights"] = weights_entry(dst.resolve(), Path(out).resolve().parent if out is not None else None)
     if out is not None:
-        p = Path(out)
-        if p.is_dir():
-            raise ValueError(f"out: {str(p)!r} is a directory; give a file name such as config.json")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(cfg, indent=2, default=_json_value) + "\n")
+        atomic_write(out, json.dumps(cfg, indent=2, default=_json_value) + "\n")
     return cfg
+
+
+# ----------------------------------------------------------------------------- weights
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_entry(path: Path, relative_to: Path | None) -> dict[str, Any]:
+    """``{"path", "sha256", "bytes"}`` of a weights file; the path relative to ``relative_to`` when given (the
+    config's folder for a copy, the study folder for the study's own file), else absolute."""
+    shown = os.path.relpath(path, relative_to) if relative_to is not None else str(path)
+    return {"path": shown, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def deployment_weights(cfg: dict[str, Any], config_path: str | os.PathLike[str]) -> Path:
+    """The weights file a deployment config names, found and verified; one-line errors otherwise.
+
+    A relative path is looked up in the config's folder, then in the study folder (``study.path``), never the
+    current directory. FileNotFoundError names the missing file when neither holds it; ValueError when the config
+    names none or the file's sha256 differs from the one recorded at export.
+    """
+    where = str(config_path)
+    entry = cfg.get("weights")
+    if isinstance(entry, str) or (entry is None and cfg.get("trial_weights")):  # configs exported before issue 10
+        entry = {"path": entry or cfg["trial_weights"]}
+    if not isinstance(entry, dict) or not entry.get("path"):
+        trial = f"trial {cfg.get('trial')} of study {(cfg.get('study') or {}).get('name')!r}"
+        raise ValueError(f"weights: config {where!r} names no weights file (the study kept none for {trial}); "
+                         "pass weights=PATH, or export a fine-tuned trial")
+    name = Path(str(entry["path"]))
+    if name.is_absolute():
+        candidates = [name]
+    else:
+        folders = [Path(config_path).resolve().parent]
+        study = (cfg.get("study") or {}).get("path")
+        if study and Path(study).is_absolute():
+            folders.append(StudyLayout(Path(study)).root)
+        candidates = list(dict.fromkeys(f / name for f in folders))
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        looked = " or ".join(repr(str(c)) for c in candidates)
+        raise FileNotFoundError(f"weights: {looked} (named by config {where!r}) does not exist; re-export the trial "
+                                "with --weights FILE, or pass weights=PATH")
+    expected = entry.get("sha256")
+    if expected:
+        actual = sha256_file(found)
+        if actual != expected:
+            raise ValueError(f"weights: {str(found)!r} has sha256 {actual[:12]}..., config {where!r} expects "
+                             f"{str(expected)[:12]}...; the file changed since export (re-export the trial)")
+    return found
+
+
+def trial_model(data: StudyData, row: pd.Series, device: str = "cpu") -> Any:
+    """The reduced model of one trial with the weights the study kept for it (one-line ValueError when it kept
+    none): what ``export --format`` serialises."""
+    number = int(row["number"])
+    src = data.weights_path(number)
+    if src is None:
+        where = data.layout.weights_dir if data.layout else "the study directory (a bare database was given)"
+        raise ValueError(f"weights: trial {number} of study {data.name!r} has no saved weights in {where}; "
+                         "the search keeps fine-tuned weights of complete fine-tuned trials only")
+    cfg = deployment_config(data, row)
+    return build_model(cfg["backbone"], cfg, src, device)
 
 
 def load_deployment(path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None,
                     device: str = "cpu") -> Any:
-    """Build the reduced model a deployment config describes (random init unless ``weights`` is given;
-    by default the config's own ``weights`` file when it exists)."""
+    """Build the reduced model a deployment config describes, with its weights.
+
+    The weights are ``weights`` when given, else the file the config names (`deployment_weights`: found beside the
+    config or in the study, sha256 verified). Missing or changed weights are refused with one line; the model is
+    never randomly initialised. The config's geometry is checked by `apply`.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config: {str(p)!r} does not exist")
-    cfg = json.loads(p.read_text())
-    if "reduction" not in cfg or "backbone" not in cfg:
-        raise ValueError(f"config: {str(p)!r} is not a deployment config (needs 'reduction' and 'backbone')")
-    if weights is None and cfg.get("weights") and Path(cfg["weights"]).is_file():
-        weights = cfg["weights"]
-    return build_model(cfg["backbone"], cfg["reduction"], weights, device)
-
-
+    cfg = parse_json(p.read_text(), str(p))
+    if not isinstance(cfg.get("reduction"), dict) or not isinstance(cfg.get("backbone"), dict):
+        raise ValueError(f"config: {str(p)!r} is not a deployment config (needs 'reduction' and 'backbone'); "
+                         "`tpsexplore export` writes one")
+    if weights is not None:
+        w = Path(weights)
+        if not w.is_file():
+            raise FileNotFoundError(f"weights: {str(w)!r} does not exist")
+    else:
+        w = deployment_weights(cfg, p)
+    return build_model(cfg["backbone"], cfg, w, device)

@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     summary = (f"trial {cfg['trial']} ({cfg['label']}): top-1 {acc if acc is not None else '?'}, "
                f"{gm if gm is not None else '?'} GMACs")
     if args.out:
-        print(f"exported {summary} to {args.out}" + (f"; weights to {cfg['weights']}" if cfg.get("weights") else ""))
+        w = cfg.get("weights") or {}
+        where = f"; weights {w['path']}" if w else "; no weights (the study kept none for this trial)"
+        print(f"exported {summary} to {args.out}{where}")
     else:
         print(json.dumps(cfg, indent=2))
         print(f"exported {summary}", file=sys.stderr)
