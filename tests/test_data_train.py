@@ -17,18 +17,14 @@ from sklearn.datasets import load_digits
 
 from tpsexplore.measure.data import (
     CLUTTER,
-    PAIRS,
     PROXY_VERSIONS,
     ClutteredData,
     ClutterSpec,
     DataSpec,
     ImageListData,
-    PairData,
-    PairSpec,
     TensorData,
     build_datasets,
     render_cluttered,
-    render_pairs,
 )
 from tpsexplore.measure.train import (
     FinetuneConfig,
@@ -138,50 +134,6 @@ def test_render_cluttered_draws_the_digit_inside_its_box_and_fragments_from_othe
     assert x.max() == 0.0  # no fragments: a blank digit gives a blank image
     with pytest.raises(ValueError, match=r"^fragment_crop: \(2, 9\) must satisfy"):
         ClutterSpec(fragment_crop=(2, 9))
-
-
-def test_pairs_proxy_fixed_val_set_from_disjoint_digits_labelled_by_the_rule():
-    model = tiny_vit(img_size=56, patch_size=8, depth=1)
-    train, val, info = build_datasets(DataSpec(seed=3, proxy="pairs", train_limit=64), model)
-    assert isinstance(train, PairData) and len(val) == info["n_val"] == PAIRS.val_images >= 4000
-    d = info["proxy"]
-    assert (d["name"], d["version"], d["seed"], d["rule"]) == ("pairs", PROXY_VERSIONS["pairs"], 3, PAIRS.rule)
-    # both digits of every image come from one split; train and val digits are disjoint
-    assert (_digit_indices(train) | set(train.partners.tolist())) <= set(train.indices.tolist())
-    val_digits = _digit_indices(val) | set(val.partners.tolist())
-    assert val_digits.isdisjoint(_digit_indices(train)) and len(val_digits) == d["n_val_digits"] == 359
-    # the label is the rule applied to the two digits' labels, on the fixed val set and on fresh training pairs
-    y = torch.from_numpy(load_digits().target).long()
-    assert torch.equal(val.labels, PAIRS.label(y[val.indices], y[val.partners]))
-    assert torch.equal(PairSpec(rule="max").label(torch.tensor([3, 9, 0]), torch.tensor([7, 2, 0])),
-                       torch.tensor([7, 9, 0]))
-    assert torch.equal(PairSpec(rule="sum").label(torch.tensor([3, 9]), torch.tensor([7, 5])), torch.tensor([0, 4]))
-    x, labels = train.batch(torch.arange(64), torch.Generator().manual_seed(1), augment=True)
-    assert x.shape == (64, 3, 56, 56) and labels.min() >= 0 and labels.max() <= 9
-    first_labels = y[train.indices]
-    assert (labels >= first_labels).all()  # max(a, b) >= a for the batch's first digits
-    # the val set is fixed by the seed
-    _, again, _ = build_datasets(DataSpec(seed=3, proxy="pairs", train_limit=64), model)
-    assert torch.equal(again.images, val.images) and torch.equal(again.labels, val.labels)
-
-
-def test_render_pairs_puts_the_two_digits_in_different_halves():
-    digits = torch.zeros(2, 8, 8)
-    digits[0] = 1.0  # digit 0 is a solid square, digit 1 blank
-    spec = PairSpec(fragments=(0, 0))
-    gen = torch.Generator().manual_seed(0)
-    first = render_pairs(digits, torch.tensor([[0, 1]] * 32), 56, spec, gen)[:, 0] > 0.5  # (32, 56, 56)
-    second = render_pairs(digits, torch.tensor([[1, 0]] * 32), 56, spec, gen)[:, 0] > 0.5
-    assert first.any((1, 2)).all() and second.any((1, 2)).all()
-    # the first digit lies in the left or top half, the second in the right or bottom half
-    assert (~first[:, :, 28:].any((1, 2)) | ~first[:, 28:, :].any((1, 2))).all()
-    assert (~second[:, :, :28].any((1, 2)) | ~second[:, :28, :].any((1, 2))).all()
-    side = first.sum((1, 2)).float().sqrt()
-    assert side.min() >= 0.4 * 56 - 1 and side.max() <= 0.5 * 56 + 1
-    with pytest.raises(ValueError, match=r"^digit_size: \(0.3, 0.6\) must satisfy"):
-        PairSpec(digit_size=(0.3, 0.6))
-    with pytest.raises(ValueError, match=r"^rule: 'min'; allowed: max, sum"):
-        PairSpec(rule="min")
 
 
 def test_old_digits_proxy_stays_reachable_by_name():

@@ -36,16 +36,14 @@ from torch.utils.data import Dataset
 PROXY_IMG_SIZE = 56
 PROXY_PATCH_SIZE = 8
 PROXY_NUM_CLASSES = 10
-PROXIES = ("cluttered", "digits", "pairs")
+PROXIES = ("cluttered", "digits")
 PROXY_NAME = "cluttered"  # the default proxy
-PROXY_VERSIONS = {"cluttered": 1, "digits": 1, "pairs": 1}  # bump when a proxy's images change
-PROXY_TITLES = {"cluttered": "cluttered digits", "digits": "digits", "pairs": "digit pairs"}
+PROXY_VERSIONS = {"cluttered": 1, "digits": 1}  # bump when a proxy's images change
+PROXY_TITLES = {"cluttered": "cluttered digits", "digits": "digits"}
 PROXY_NOTES = {
     "cluttered": "proxy task: cluttered digits (scikit-learn's real 8x8 handwritten digits at random positions "
                  "and scales among fragments of other digits, 10 classes), not ImageNet",
     "digits": "proxy task: scikit-learn digits (1,797 real 8x8 handwritten digits, 10 classes), not ImageNet",
-    "pairs": "proxy task: digit pairs (two of scikit-learn's real 8x8 handwritten digits at random positions "
-             "and scales, label = the larger of the two, 10 classes), not ImageNet",
 }
 PROXY_NOTE = PROXY_NOTES[PROXY_NAME]
 LABEL_COLUMNS = ("filename", "synset", "class_index")
@@ -407,143 +405,6 @@ def _render_set(digits: torch.Tensor, index: torch.Tensor, size: int, clutter: C
     return out
 
 
-PAIR_RULES = ("max", "sum")
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    """How the digit-pairs proxy draws an image: two whole digits, one in each half of the canvas (halves
-    split left/right or top/bottom at random), each at its own random scale and position inside its half;
-    the label combines both digits, so a model must find, read and compare two regions of the image.
-
-    rule: 'max' (label = the larger digit) or 'sum' (label = (a + b) mod 10). digit_size: each digit's side,
-    uniform in [lo, hi] (fractions of the canvas side, hi <= 0.5 so a digit fits its half). fragments,
-    fragment_crop, fragment_intensity: dim clutter as in `ClutterSpec`, cut from other digits of the same
-    split at the first digit's scale. val_images: size of the fixed validation set (each held-out digit
-    cycled as the first digit, paired with a seed-drawn held-out partner).
-    """
-
-    rule: str = "max"
-    digit_size: tuple[float, float] = (0.4, 0.5)
-    fragments: tuple[int, int] = (0, 2)
-    fragment_crop: tuple[int, int] = (2, 4)
-    fragment_intensity: tuple[float, float] = (0.3, 0.6)
-    val_images: int = 4000
-
-    def __post_init__(self) -> None:
-        if self.rule not in PAIR_RULES:
-            raise ValueError(f"rule: {self.rule!r}; allowed: {', '.join(PAIR_RULES)}")
-        for name, lo_ok, hi_ok in (("digit_size", 0.0, 0.5), ("fragment_intensity", 0.0, 1.0)):
-            lo, hi = getattr(self, name)
-            if not lo_ok < lo <= hi <= hi_ok:
-                raise ValueError(f"{name}: ({lo}, {hi}) must satisfy {lo_ok} < lo <= hi <= {hi_ok}")
-        lo, hi = self.fragments
-        if not 0 <= lo <= hi:
-            raise ValueError(f"fragments: ({lo}, {hi}) must satisfy 0 <= lo <= hi")
-        lo, hi = self.fragment_crop
-        if not 1 <= lo <= hi <= 8:
-            raise ValueError(f"fragment_crop: ({lo}, {hi}) must satisfy 1 <= lo <= hi <= 8 (source pixels)")
-        if self.val_images < 1:
-            raise ValueError(f"val_images: {self.val_images} must be >= 1")
-
-    def label(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The class of pairs of digit labels ``a``, ``b`` (equal-shaped long tensors)."""
-        return torch.maximum(a, b) if self.rule == "max" else (a + b) % PROXY_NUM_CLASSES
-
-    def describe(self, canvas: int) -> dict[str, Any]:
-        """The definition as JSON-ready fields (with the digit size in pixels of this canvas)."""
-        out: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        out["digit_px"] = [round(f * canvas, 2) for f in self.digit_size]
-        out["label_rule"] = "max(a, b)" if self.rule == "max" else "(a + b) mod 10"
-        return out
-
-
-# The pairs proxy's definition, version PROXY_VERSIONS["pairs"]: a change to it (or to render_pairs) must bump
-# that version, which is part of the proxy cache key.
-PAIRS = PairSpec()
-
-
-class PairData(TensorData):
-    """The pairs proxy's training set: a pool of one pair per training digit (``images``; ``indices`` the first
-    digit, ``partners`` the second, used when a batch is not augmented) and fresh pairs for augmented batches.
-
-    ``batch(idx, generator, augment=True)`` pairs the digits ``idx`` with new random partners from the
-    training digits and draws them at new positions and scales (one vectorised grid_sample).
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, partners: torch.Tensor,
-                 digits: torch.Tensor, digit_labels: torch.Tensor, pairs: PairSpec, mean: float, std: float) -> None:
-        super().__init__(images, labels, 0.0, (0.0 - mean) / std, indices)
-        self.partners, self.digits, self.digit_labels = partners, digits, digit_labels
-        self.pairs, self.mean, self.std = pairs, mean, std
-
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None,
-              augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if not augment:
-            return super().batch(idx, generator, augment)
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        index = torch.stack([idx, _partners(idx, self.digits.shape[0], generator)], 1)
-        x = render_pairs(self.digits, index, self.images.shape[-1], self.pairs, generator)
-        return _to_rgb(x, self.mean, self.std), self.pairs.label(self.digit_labels[index[:, 0]],
-                                                                 self.digit_labels[index[:, 1]])
-
-
-def _partners(first: torch.Tensor, m: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A uniformly drawn other digit (of the ``m`` in the split) for each first digit."""
-    return (first + torch.randint(1, max(m, 2), first.shape, generator=generator)) % m
-
-
-def render_pairs(digits: torch.Tensor, index: torch.Tensor, size: int, pairs: PairSpec,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw the digit pairs ``digits[index]`` (index (B, 2)) as images (B, 1, size, size), ink in [0, 1].
-
-    The first digit goes in the left (or top) half, the second in the other half: they never overlap.
-    digits: (M, 8, 8) ink in [0, 1], the split's source digits. Every random draw comes from ``generator``,
-    in a fixed order, so a seed fixes the images.
-    """
-    index = torch.as_tensor(index, dtype=torch.long).reshape(-1, 2)
-    b, m, src = index.shape[0], digits.shape[0], digits.shape[-1]
-    nf = pairs.fragments[1]
-
-    def uniform(bounds: tuple[float, float], *shape: int) -> torch.Tensor:
-        return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(*shape, generator=generator)
-
-    side = uniform(pairs.digit_size, b, 2) * size                      # (B, 2) digit sides, canvas px
-    unit = side / src
-    half = size / 2
-    split_x = (torch.randint(0, 2, (b,), generator=generator) == 0)[:, None]  # halves left/right, else top/bottom
-    along = torch.rand(b, 2, generator=generator) * (half - side) + torch.tensor([0.0, half])
-    free = torch.rand(b, 2, generator=generator) * (size - side)
-    origin = torch.stack([torch.where(split_x, along, free), torch.where(split_x, free, along)], -1)  # (B, 2, 2)
-    count = torch.randint(pairs.fragments[0], nf + 1, (b,), generator=generator)
-    other = (index[:, :1] + torch.randint(1, max(m, 2), (b, nf), generator=generator)) % m
-    crop = torch.randint(pairs.fragment_crop[0], pairs.fragment_crop[1] + 1, (b, nf), generator=generator)
-    start = (torch.rand(b, nf, 2, generator=generator) * (src - crop + 1)[..., None]).floor()
-    crop = crop.float()
-    f_unit = unit[:, :1]
-    f_origin = torch.rand(b, nf, 2, generator=generator) * (size - crop * f_unit).clamp_min(0)[..., None]
-    ink = uniform(pairs.fragment_intensity, b, nf) * (torch.arange(nf) < count[:, None])
-    # one draw call: layers 0 and 1 are the two whole digits, layers 2.. the fragments
-    layers = 2 + nf
-    which = torch.cat([index, other], 1).reshape(-1)
-    window = torch.cat([torch.zeros(b, 2, 2), start], 1).reshape(-1, 2)
-    extent = torch.cat([torch.full((b, 2), float(src)), crop], 1).reshape(-1)
-    place = torch.cat([origin, f_origin], 1).reshape(-1, 2)
-    scale = torch.cat([unit, f_unit.expand(b, nf)], 1).reshape(-1)
-    drawn = _draw(digits[which][:, None], window, extent, place, scale, size).view(b, layers, size, size)
-    weight = torch.cat([torch.ones(b, 2), ink], 1)[..., None, None]
-    return (drawn * weight).amax(1, keepdim=True).clamp_(0.0, 1.0)
-
-
-def _render_pair_set(digits: torch.Tensor, index: torch.Tensor, size: int, pairs: PairSpec,
-                     generator: torch.Generator) -> torch.Tensor:
-    """`render_pairs` over a whole set, in chunks of _RENDER_CHUNK pairs."""
-    out = torch.empty(index.shape[0], 1, size, size)
-    for i in range(0, index.shape[0], _RENDER_CHUNK):
-        out[i:i + _RENDER_CHUNK] = render_pairs(digits, index[i:i + _RENDER_CHUNK], size, pairs, generator)
-    return out
-
-
 def _render_seed(name: str, part: str, seed: int) -> int:
     """The generator seed of one rendered set: fixed by proxy name, version, part and the data seed."""
     return zlib.crc32(f"{name}/v{PROXY_VERSIONS[name]}/{part}/{seed}".encode())
@@ -587,7 +448,7 @@ def _proxy_datasets(spec: DataSpec, model: torch.nn.Module | None) -> tuple[Tens
         val = TensorData(x[va], y[va], 0.0, fill, va)
         definition.update({"digit_px": [img_size, img_size], "shift": spec.proxy_shift,
                            "train_rendering": "fixed images"})
-    elif spec.proxy == "cluttered":
+    else:  # "cluttered"
         clutter = CLUTTER
         which = torch.arange(clutter.val_images) % len(va)  # the held-out digits, cycled
         gen = torch.Generator().manual_seed(_render_seed(spec.proxy, "val", spec.seed))
@@ -601,26 +462,6 @@ def _proxy_datasets(spec: DataSpec, model: torch.nn.Module | None) -> tuple[Tens
         train = ClutteredData(_to_rgb(pool, mean, std, inplace=True), y[tr], tr, x[tr], clutter, mean, std)
         definition.update(clutter.describe(img_size))
         definition["train_rendering"] = "fresh positions, scales and fragments for every training batch"
-    else:  # "pairs"
-        pairs, ya, yt = PAIRS, y[va], y[tr]
-        gen = torch.Generator().manual_seed(_render_seed(spec.proxy, "val", spec.seed))
-        first = torch.arange(pairs.val_images) % len(va)  # the held-out digits, cycled, with held-out partners
-        index = torch.stack([first, _partners(first, len(va), gen)], 1)
-        val_x = _render_pair_set(x[va], index, img_size, pairs, gen)
-        if spec.val_limit is not None and spec.val_limit < pairs.val_images:
-            keep = torch.tensor(_subset(list(range(pairs.val_images)), spec.val_limit, spec.seed + 1))
-            val_x, index = val_x[keep], index[keep]
-        val = TensorData(_to_rgb(val_x, mean, std, inplace=True), pairs.label(ya[index[:, 0]], ya[index[:, 1]]),
-                         0.0, fill, va[index[:, 0]])
-        val.partners = va[index[:, 1]]  # the second digit of each val image (the first is in ``indices``)
-        gen = torch.Generator().manual_seed(_render_seed(spec.proxy, "train-pool", spec.seed))
-        first = torch.arange(len(tr))
-        index = torch.stack([first, _partners(first, len(tr), gen)], 1)
-        pool = _render_pair_set(x[tr], index, img_size, pairs, gen)
-        train = PairData(_to_rgb(pool, mean, std, inplace=True), pairs.label(yt[index[:, 0]], yt[index[:, 1]]),
-                         tr, tr[index[:, 1]], x[tr], yt, pairs, mean, std)
-        definition.update(pairs.describe(img_size))
-        definition["train_rendering"] = "fresh partners, positions, scales and fragments for every training batch"
     definition.update({"n_train_digits": len(tr), "n_val_digits": int(va.unique().numel()), "n_val": len(val)})
     data_cfg = {"input_size": (3, img_size, img_size), "mean": (mean,) * 3, "std": (std,) * 3,
                 "interpolation": "bilinear", "crop_pct": 1.0}
