@@ -33,10 +33,51 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
+def descending_order(scores: Tensor) -> Tensor:
+    """Indices that order ``scores`` (B, N) from highest to lowest, (B, N).
+
+    Eager, torch.compile and torch.export run ``argsort``. Inside ``torch.onnx.export`` it is ``topk`` over all
+    N (a Python int: token counts are static), which becomes an ONNX TopK with a constant K, as TensorRT needs;
+    argsort would export with K read from the input's Shape. The orders can differ only among exactly equal
+    scores (ONNX TopK puts the lower index first).
+    """
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(scores.shape[-1], dim=-1).indices
+    return scores.argsort(dim=-1, descending=True)
+
+
+def ascending_indices(idx: Tensor, dim: int = 1) -> Tensor:
+    """Distinct integer indices sorted ascending along ``dim`` (values only); a constant-K TopK under ONNX export."""
+    if torch.onnx.is_in_onnx_export():
+        return idx.topk(idx.shape[dim], dim=dim, largest=False).values
+    return idx.sort(dim=dim).values
+
+
 def split_by_score(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Indices of the ``k`` highest scores (descending) and of the rest, (B, k) and (B, N - k)."""
-    order = scores.argsort(dim=-1, descending=True)
+    order = descending_order(scores)
     return order[:, :k], order[:, k:]
+
+
+def nearest_distance(points: Tensor, centres: Tensor) -> Tensor:
+    """Euclidean distance from each point (B, N, D) to its nearest centre (B, K, D) -> (B, N).
+
+    ``torch.cdist`` has no ONNX form, so inside ``torch.onnx.export`` this is `nearest_distance_matmul`; eager
+    keeps cdist, which is 10-15% faster at batch 64 on CPU. Both give the same values on integer grid
+    coordinates, which is what it is used on.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return nearest_distance_matmul(points, centres)
+    return torch.cdist(points, centres).amin(dim=-1)
+
+
+def nearest_distance_matmul(points: Tensor, centres: Tensor) -> Tensor:
+    """`nearest_distance` as |p|^2 - 2 p.c + |c|^2 (one batched matmul) with one square root after the minimum.
+
+    Exact on integer coordinates (every step is an exact float operation there, and sqrt is monotonic).
+    """
+    sq = torch.baddbmm(centres.square().sum(dim=-1).unsqueeze(1), points, centres.transpose(1, 2), alpha=-2.0)
+    return (sq + points.square().sum(dim=-1, keepdim=True)).amin(dim=-1).clamp_min(0.0).sqrt()
 
 
 # ----------------------------------------------------------------------------- TPS squeeze
@@ -154,10 +195,10 @@ def diverse_topk(scores: Tensor, k: int, coords: Tensor, weight: float, rounds: 
         idx = total.topk(size, dim=-1).indices
         picked.append(idx)
         taken = taken.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))
-        dist = torch.cdist(coords, gather_tokens(coords, idx)).amin(dim=-1) / diag
+        dist = nearest_distance(coords, gather_tokens(coords, idx)) / diag
         nearest = torch.minimum(nearest, dist)
     keep = torch.cat(picked, dim=1)
-    rest = torch.where(taken, -math.inf, scores).argsort(dim=-1, descending=True)[:, : n - k]
+    rest = descending_order(torch.where(taken, -math.inf, scores))[:, : n - k]
     return keep, rest
 
 
@@ -202,12 +243,12 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 1) -> M
     if num_protected >= 2:
         scores[:, :, 0] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    edge_idx = descending_order(node_max)[..., None]
     unm_idx = edge_idx[:, r:]
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx[..., None].gather(1, src_idx)
     if num_protected:
-        unm_idx = unm_idx.sort(dim=1).values  # keep the class token first
+        unm_idx = ascending_indices(unm_idx, dim=1)  # keep the class token first
     return MergePlan(unm_idx, src_idx, dst_idx, num_protected)
 
 
