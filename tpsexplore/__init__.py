@@ -5,7 +5,7 @@ torch and timm until a model is touched.
 """
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -46,11 +46,4 @@ def apply(model, config, track_sources: bool = False, *, adapt: bool = False):
     return _apply(model, config, track_sources, adapt=adapt, gmacs=gmacs)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'tpsexplore' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, extra=("__version__", "apply"))

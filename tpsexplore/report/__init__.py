@@ -14,7 +14,7 @@ Every plotting function returns a ``matplotlib.figure.Figure`` and changes no gl
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # Imported on first use (PEP 562), so `tpsexplore report --help` (tpsexplore.report.cli) does not pay for torch,
 # pandas and matplotlib.
@@ -43,11 +43,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

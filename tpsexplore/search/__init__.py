@@ -7,7 +7,7 @@ Optuna trials into the results store from a single writer (``mirror``).
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # Imported on first use (PEP 562), so `tpsexplore search --help` (tpsexplore.search.cli) does not pay for torch.
 _EXPORTS = {
@@ -19,11 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
