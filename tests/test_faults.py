@@ -365,24 +365,55 @@ def test_report_and_export_check_the_target_before_writing(real_study, tmp_path,
     assert _tree(d) == before
 
 
+def _completed_trials(db: Path) -> int:
+    """Completed trials mirrored into a results database that a search is writing (read-only, WAL)."""
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("SELECT COUNT(*) FROM tpsx_trials WHERE state = 'complete'").fetchone()[0]
+    except sqlite3.Error:
+        return 0  # not created yet
+
+
 def test_full_disk_during_a_search_is_one_line_and_keeps_completed_trials(files, tmp_path):
+    """The disk fills once a trial has completed (a filler file takes the rest of a small tmpfs), so the
+    search meets a full disk mid-study whatever the machine's speed."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)], capture_output=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"mount not permitted: {res.stderr!r}")
     try:
-        study = _study(tmp_path, data=files / "data", checkpoint=files / "ok.safetensors", trials=12, steps=1)
-        res = _cli("search", "--study", study, "--out", disk, "--quiet")
-        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-        errors = [ln for ln in res.stderr.splitlines() if "error" in ln.lower()]  # the search ran: progress lines
-        assert len(errors) == 1 and errors[0] == res.stderr.strip().splitlines()[-1], res.stderr
+        study = _study(tmp_path, data=files / "data", checkpoint=files / "ok.safetensors", trials=40, steps=1)
+        proc = subprocess.Popen([sys.executable, "-m", "tpsexplore.cli", "search", "--study", str(study), "--out",
+                                 str(disk), "--quiet"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        t_end = time.time() + 180
+        while _completed_trials(disk / "real" / "results.db") < 1:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < t_end, "no trial completed"
+            time.sleep(0.1)
+        with open(disk / "filler", "wb") as f:  # take every free byte
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+        errors = [ln for ln in stderr.splitlines() if "error" in ln.lower()]  # the search ran: progress lines
+        assert len(errors) == 1 and errors[0] == stderr.strip().splitlines()[-1], stderr
         assert errors[0].startswith("tpsexplore search: error: disk: No space left on device")
         assert str(disk / "real") in errors[0]
         from tpsexplore.storage import ResultsStore
 
+        (disk / "filler").unlink()  # room for SQLite to open the database again
         with ResultsStore(disk / "real" / "results.db") as store:  # readable, with what was completed
             frame = store.trials_frame("real")
         assert (frame["state"] == "complete").sum() >= 1, frame[["number", "state", "reason"]]

@@ -233,8 +233,9 @@ def test_short_bars_in_a_log_print_nothing_and_the_default_interval_is_10s(monke
 
 
 def test_a_search_logged_to_a_pipe_has_short_lines_and_no_carriage_returns(tmp_path):
-    """A fresh proxy pre-training plus a 2-trial smoke search, stderr to a pipe, one progress line per second."""
-    interval = 1.0
+    """A fresh proxy pre-training plus a 2-trial smoke search, stderr to a pipe, one progress line per 0.05 s
+    (the smoke pre-training takes about a second on an idle machine: a longer interval would print no line)."""
+    interval = 0.05
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "tpsexplore.cli", "search", "--study", str(SMOKE), "--out",
                           str(tmp_path / "runs"), "--trials", "2", "--confirm", "0"],

@@ -2,16 +2,32 @@
 
 `profile(ProfileConfig)` returns one JSON-ready dict; `format_profile` renders it as the table that
 `tpsexplore profile` prints.
+
+``runtime`` says what the speed is measured on; the reduced model and the baseline always run side by side on the
+same runtime, through the same paired protocol (`measure_pair`):
+
+- ``eager``: the PyTorch modules as they are;
+- ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` of each (`tpsexplore.deploy.compile_model`), compiled
+  for every batch size before the protocol's own warm-up, so compilation is never timed;
+- ``onnxruntime``: each exported to ONNX with a fixed batch per batch size (`tpsexplore.deploy.export_onnx`: every
+  shape static, as one deploys for a known batch) and run by an onnxruntime CPU session with torch's thread count,
+  wrapped in `OnnxRuntimeModule` so the protocol times it like any module. fp32 on the CPU only.
+
+Accuracy is always measured on the eager modules (the exported forms give the same logits: tests/test_deploy.py).
 """
 from __future__ import annotations
 
 import copy
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from torch import nn
 
 from ..backbones import create_backbone
 from ..reduce import ReductionConfig, apply
@@ -24,6 +40,9 @@ from .throughput import Speedup, ThroughputConfig, ThroughputResult, measure_pai
 from .train import FinetuneConfig, ProxyConfig, evaluate, finetune, proxy_backbone
 
 
+RUNTIMES = ("eager", "compile", "onnxruntime")
+
+
 @dataclass
 class ProfileConfig:
     """What to profile and how hard to measure it.
@@ -31,7 +50,8 @@ class ProfileConfig:
     data None uses the offline digits proxy task with proxy-pretrained weights (trained once, cached;
     ``proxy`` overrides the pre-training recipe and geometry); with data, weights come from the timm hub
     (``weights='pretrained'``), a ``checkpoint`` or random init.
-    finetune_steps 0 skips the fine-tune (zero-shot only).
+    finetune_steps 0 skips the fine-tune (zero-shot only). runtime: eager, compile or onnxruntime (module
+    docstring); compile and onnxruntime default to fp32 only, and onnxruntime measures on the CPU.
     """
 
     backbone: str
@@ -54,10 +74,12 @@ class ProfileConfig:
     cache_dir: str | None = None
     proxy: ProxyConfig | None = None
     progress: bool = True
+    runtime: str = "eager"
 
     def __post_init__(self) -> None:
         if self.finetune_steps < 0:
             raise ValueError(f"finetune_steps: {self.finetune_steps} must be >= 0")
+        check_runtime(self.runtime, self.dtypes, self.device)
         if self.data is not None and self.weights == "pretrained" and self.checkpoint:
             self.weights = "checkpoint"
 
@@ -66,12 +88,109 @@ class ProfileConfig:
         fewer cells (batch 1 and 64; fp32 and bf16, since CPU fp16 kernels are slow emulation) and 3 windows
         instead of 5, so that a profile stays interactive."""
         gpu = device.type == "cuda"
+        eager = self.runtime == "eager"
         return ThroughputConfig(
             batch_sizes=tuple(self.batch_sizes or ((1, 64, 256) if gpu else (1, 64))),
-            dtypes=tuple(self.dtypes or (("fp32", "bf16", "fp16") if gpu else ("fp32", "bf16"))),
+            dtypes=tuple(self.dtypes or (("fp32",) if not eager else ("fp32", "bf16", "fp16") if gpu
+                                         else ("fp32", "bf16"))),
             window_s=self.window_s if self.window_s is not None else 2.0,
             windows=self.windows if self.windows is not None else (5 if gpu else 3),
             warmup_s=1.0, device=str(device), progress=self.progress)
+
+
+def check_runtime(runtime: str, dtypes: tuple[str, ...] | None = None, device: str = "auto") -> str:
+    """``runtime`` when it is known and fits the dtypes and device, else a one-line ValueError."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: {runtime!r} is not supported; allowed: {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        if dtypes and tuple(dtypes) != ("fp32",):
+            raise ValueError(f"dtypes: {','.join(dtypes)} with --runtime onnxruntime; the exported model runs in "
+                             "fp32 (allowed: fp32)")
+        if str(device) not in ("auto", "cpu"):
+            raise ValueError(f"device: {device!r} with --runtime onnxruntime; onnxruntime is measured on the CPU "
+                             "here (allowed: cpu, auto)")
+    return runtime
+
+
+class OnnxRuntimeModule(nn.Module):
+    """onnxruntime sessions as one module, so that the throughput protocol times them like any model.
+
+    ``sessions`` maps a batch size to the session of the model exported at that fixed batch (None: a
+    dynamic-batch session for any other). Input: a float image batch; output: the logits as a CPU tensor.
+    ``patch_embed`` is the exported model's, so the protocol reads the input geometry from it. ``paths``: the
+    ONNX file of each session (same keys), for tools that open their own session (e.g. to profile it).
+    """
+
+    def __init__(self, sessions: dict[int | None, Any], patch_embed: nn.Module,
+                 paths: dict[int | None, Path] | None = None) -> None:
+        super().__init__()
+        self.sessions = sessions
+        self.paths = dict(paths or {})
+        self.patch_embed = copy.deepcopy(patch_embed)  # geometry only (img_size, proj.in_channels); never run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..deploy import run_onnx
+
+        session = self.sessions.get(int(x.shape[0]), self.sessions.get(None))
+        if session is None:
+            raise ValueError(f"batch_size: {int(x.shape[0])} was not exported; exported: "
+                             f"{', '.join(str(b) for b in self.sessions)}")
+        return run_onnx(session, x)
+
+
+def runtime_model(model: nn.Module, runtime: str, batch_sizes: tuple[int, ...], folder: str | Path,
+                  device: torch.device | str = "cpu", name: str = "model") -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` in the form ``runtime`` runs it, and what was done to get there.
+
+    eager: the module itself. compile: `tpsexplore.deploy.compile_model` (fullgraph, ``dynamic=False``), then one
+    call per batch size so that the graphs exist before any timing. onnxruntime: exported once per batch size with
+    that fixed batch into ``folder`` (``<name>_bs<B>.onnx``; it must outlive the module) and loaded into an
+    onnxruntime CPU session with torch's intra-op thread count.
+    """
+    check_runtime(runtime, None, str(device))
+    info: dict[str, Any] = {"name": runtime}
+    if runtime == "eager":
+        return model, info
+    from .. import deploy
+
+    t0 = time.perf_counter()
+    if runtime == "compile":
+        model.to(device)
+        compiled = deploy.compile_model(model, dynamic=False)
+        with torch.inference_mode():
+            for b in batch_sizes:
+                compiled(deploy.example_input(model, b))
+        info.update(backend="inductor", fullgraph=True, dynamic=False, compile_s=time.perf_counter() - t0,
+                    note="compiled for every batch size before timing (one graph per batch size)")
+        return compiled, info
+    import onnxruntime as ort
+
+    threads = torch.get_num_threads()
+    model.to("cpu")
+    sessions: dict[int | None, Any] = {}
+    paths: dict[int | None, Path] = {}
+    for b in batch_sizes:
+        paths[b] = deploy.export_onnx(model, Path(folder) / f"{name}_bs{b}.onnx", batch_size=b)
+        sessions[b] = deploy.onnxruntime_session(paths[b], threads=threads, providers=["CPUExecutionProvider"])
+    info.update(onnxruntime=ort.__version__, opset=deploy.DEFAULT_OPSET, providers=["CPUExecutionProvider"],
+                intra_op_threads=threads, batch="fixed: one export per batch size (every shape static)",
+                graph_optimization="ORT_ENABLE_ALL", export_s=time.perf_counter() - t0)
+    return OnnxRuntimeModule(sessions, model.patch_embed, paths), info
+
+
+@contextmanager
+def runtime_models(baseline: nn.Module, model: nn.Module, runtime: str, batch_sizes: tuple[int, ...],
+                   device: torch.device | str = "cpu") -> Iterator[tuple[nn.Module, nn.Module, dict[str, Any]]]:
+    """The baseline and the reduced model both in the form ``runtime`` runs them (`runtime_model`), with what
+    was done to get there; exported files live in a temporary folder removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="tpsx-runtime-") as tmp:
+        t0 = time.perf_counter()
+        run_base, info = runtime_model(baseline, runtime, batch_sizes, tmp, device, "baseline")
+        run_model, _ = runtime_model(model, runtime, batch_sizes, tmp, device, "model")
+        for key in ("compile_s", "export_s"):  # both models' preparation
+            if key in info:
+                info[key] = time.perf_counter() - t0
+        yield run_base, run_model, info
 
 
 def load_model_and_data(cfg: ProfileConfig) -> tuple[torch.nn.Module, Any, Any, dict[str, Any], dict[str, Any]]:
@@ -95,7 +214,7 @@ def load_model_and_data(cfg: ProfileConfig) -> tuple[torch.nn.Module, Any, Any, 
 
 def profile(cfg: ProfileConfig) -> dict[str, Any]:
     """Measure one config beside its unreduced baseline; every number carries how it was obtained."""
-    device = resolve_device(cfg.device)
+    device = resolve_device("cpu" if cfg.runtime == "onnxruntime" else cfg.device)  # onnxruntime: CPU sessions
     t0 = time.perf_counter()
     geo0 = geometry(cfg.backbone)  # a non-ViT backbone fails here, with one line naming it
     cfg.reduction.validate(geo0.depth)  # bad locations fail before any training or loading
@@ -127,8 +246,13 @@ def profile(cfg: ProfileConfig) -> dict[str, Any]:
         "data": data_info,
         "weights": weights,
     }
-    _say(cfg, "measuring throughput (reduced model beside the unreduced baseline)")
-    pair = measure_pair(baseline, model, cfg.throughput_config(device), baseline_label="baseline", label=cfg.reduction.label)
+    tcfg = cfg.throughput_config(device)
+    if cfg.runtime != "eager":
+        _say(cfg, f"preparing both models for {cfg.runtime}")
+    with runtime_models(baseline, model, cfg.runtime, tcfg.batch_sizes, device) as (run_base, run_model, rinfo):
+        _say(cfg, f"measuring throughput on {cfg.runtime} (reduced model beside the unreduced baseline)")
+        pair = measure_pair(run_base, run_model, tcfg, baseline_label="baseline", label=cfg.reduction.label)
+    result["runtime"] = rinfo
     result["throughput"] = [_throughput_row(s, b, m) for s, b, m in pair.cells()]
     result["speedups"] = [asdict(s) for s in pair.speedups]
     _say(cfg, "evaluating zero-shot accuracy (no fine-tune)")
@@ -173,6 +297,16 @@ def _throughput_row(s: Speedup, base: ThroughputResult, red: ThroughputResult) -
             "telemetry": red.telemetry.to_dict() if red.telemetry is not None else None}
 
 
+def _runtime_text(info: dict[str, Any]) -> str:
+    name = info.get("name", "eager")
+    if name == "compile":
+        return f"torch.compile (fullgraph, {info.get('backend')}; compiled in {info.get('compile_s', 0):.1f} s)"
+    if name == "onnxruntime":
+        return (f"onnxruntime {info.get('onnxruntime')} (opset {info.get('opset')}, fixed batch, "
+                f"{info.get('intra_op_threads')} threads; exported in {info.get('export_s', 0):.1f} s)")
+    return "eager PyTorch"
+
+
 def _px(size: Any) -> str:
     """(56, 56) -> '56x56'; an int stays as it is."""
     return "x".join(str(v) for v in size) if isinstance(size, (list, tuple)) else str(size)
@@ -199,6 +333,7 @@ def format_profile(r: dict[str, Any]) -> str:
         f"baseline {g['baseline']:.4f}; ratio {g['ratio']:.3f}",
         f"  {'parameters':<22}{r['params']['model'] / 1e6:.3f} M (baseline {r['params']['baseline'] / 1e6:.3f} M)",
         "",
+        f"  runtime  {_runtime_text(r.get('runtime') or {'name': 'eager'})} (the baseline on the same runtime)",
         f"  {'batch':>6} {'dtype':>6} {'device':>8} {'img/s':>10} {'baseline':>10} {'speed-up':>9} {'latency ms':>11} "
         f"{'J/img':>8}",
     ]

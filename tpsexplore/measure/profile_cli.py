@@ -9,6 +9,7 @@ from .options import add_data_weights_arguments, check_data_weights
 
 #: error-message fields that are set by a flag of another name (`tpsexplore.cli` names the flag)
 FIELD_FLAGS = {"keep_ratios": "keep"}
+RUNTIMES = ("eager", "compile", "onnxruntime")  # tpsexplore.measure.profile.RUNTIMES (torch-free here)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -37,8 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-steps", type=int, default=50)
     p.add_argument("--distill", action="store_true", help="distil from the unreduced model while fine-tuning")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--runtime", default="eager", choices=RUNTIMES,
+                   help="what the speed is measured on, for the reduced model and the baseline alike: eager "
+                   "PyTorch (default), compile (torch.compile fullgraph, inductor) or onnxruntime (each exported to "
+                   "ONNX with a fixed batch, run by onnxruntime on the CPU, fp32)")
     p.add_argument("--batch-sizes", type=_ints, default=None, help="default 1,64,256 on GPU, 1,64 on CPU")
-    p.add_argument("--dtypes", default=None, help="default fp32,bf16,fp16 on GPU, fp32,bf16 on CPU")
+    p.add_argument("--dtypes", default=None, help="default fp32,bf16,fp16 on GPU, fp32,bf16 on CPU; fp32 with "
+                   "--runtime compile or onnxruntime")
     p.add_argument("--val-limit", type=int, default=None, help="evaluate on at most this many images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result as JSON here")
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, weights=weights,
         finetune_steps=args.finetune_steps, distill=args.distill, device=args.device,
         batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
-        val_limit=args.val_limit, seed=args.seed, progress=not args.quiet)
+        val_limit=args.val_limit, seed=args.seed, progress=not args.quiet, runtime=args.runtime)
     result = profile(cfg)
     print(format_profile(result))
     if args.json:

@@ -13,7 +13,8 @@
      "hardware": {...}, "versions": {...},
      "study": {"name", "path" (absolute), "results_db", "manifest_version", "budget": {"fraction", "gmacs",
                "baseline_gmacs"}, "objectives", "data", "weights", "proxy", "fidelity"}  (from the study manifest),
-     "trial": N, "label": "..."}
+     "trial": N, "label": "...",
+     "model": {"path", "format", "batch_size", "sha256", ...}  (only beside a model written with ``format``)}
 
 ``weights.path`` is the trial's file in the study (``weights/trial_<n>.safetensors``, relative to the study folder)
 or, with ``--weights FILE``, the copy (relative to the config's folder). `load_deployment` resolves a relative path
@@ -251,17 +252,37 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
                  trial: int | None = None, pick: str | None = None, max_gmacs: float | None = None,
                  min_throughput: float | None = None, max_latency_ms: float | None = None,
                  batch_size: int | None = None, weights: str | os.PathLike[str] | None = None,
-                 study_name: str | None = None) -> dict[str, Any]:
+                 study_name: str | None = None, format: str | None = None,
+                 model_batch_size: int | str | None = None) -> dict[str, Any]:
     """Choose a trial (by number or rule), write its deployment config to ``out`` and return it.
 
     ``weights`` also writes the trial's fine-tuned weights there (.safetensors copies the file, .pth/.pt
     saves a torch state dict) and names that copy in the config; ValueError when the study did not keep that
     trial's weights. Every target is checked before anything is written, and each file is written atomically.
+
+    ``format`` (onnx, pt2 or torchscript) makes ``out`` the reduced model itself, with the trial's weights
+    (`trial_model`, exported by `tpsexplore.deploy`; ValueError when the study kept no weights for the trial).
+    The file carries the reduction config and its batch size (ONNX metadata, pt2/TorchScript extra files); the
+    full deployment config sits beside it as ``<out>.json`` (`model_config_path`), with a ``"model"`` entry
+    (`MODEL_KEYS`: the file's name, format, batch size, sha256, input shape and normalisation).
+    ``model_batch_size``: an integer fixes the exported batch, ``"dynamic"`` leaves it free (not TorchScript,
+    whose trace fixes it), None is the format's default (dynamic; 1 for TorchScript).
     """
     from .writable import check_output_file
 
-    if out is not None:  # both targets are checked before anything is copied or written
+    if format is not None:
+        model_batch_size = _model_batch(format, model_batch_size)
+        if out is None:
+            raise ValueError(f"out: --format {format} writes a model file; give -o FILE (e.g. model.{format})")
+        if Path(out).suffix == ".json":
+            raise ValueError(f"out: {str(out)!r} names a JSON file, but --format {format} writes the model; "
+                             f"give e.g. model.{format} (its config is written beside it as <FILE>.json)")
+    elif model_batch_size is not None:
+        raise ValueError(f"batch_size: {model_batch_size!r} is the exported model's batch size; it needs --format")
+    if out is not None:  # every target is checked before anything is copied or written
         check_output_file(out, "out")
+        if format is not None:
+            check_output_file(model_config_path(out), "out")
     if weights is not None:
         if Path(weights).suffix not in (".safetensors", ".pth", ".pt"):
             raise ValueError(f"weights: {str(weights)!r} must end in .safetensors, .pth or .pt")
@@ -279,9 +300,11 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
                          "the search keeps fine-tuned weights of complete fine-tuned trials only")
     if src is not None:
         src = src.resolve()
-    # issue 10 part 3 goes here: `--format onnx|pt2` builds `trial_model(data, row)` (weights resolved and checked
-    # as for --weights) and hands it to tpsexplore.deploy; everything above has been checked, nothing written yet
+    model = trial_model(data, row) if format is not None else None  # refuses a trial without weights
     cfg = deployment_config(data, row)
+    if model is not None:  # everything above has been checked; the model is written first, then the rest
+        cfg["model"] = _export_model_file(model, out, format, model_batch_size, cfg)
+        out = model_config_path(out)
     if weights is not None:
         dst = Path(weights)
         if dst.suffix == src.suffix:
@@ -299,6 +322,58 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if out is not None:
         atomic_write(out, json.dumps(cfg, indent=2, default=_json_value) + "\n")
     return cfg
+
+
+# ----------------------------------------------------------------------------- exported model files
+MODEL_KEYS = ("path", "format", "batch_size", "sha256", "bytes", "input", "input_name", "output_name", "opset",
+              "preprocess", "carries")
+
+
+def model_config_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where ``export --format`` writes the deployment config of an exported model: ``<model file>.json``."""
+    return Path(f"{os.fspath(model_path)}.json")
+
+
+def _model_batch(format: str, batch: int | str | None) -> int | None:
+    """The batch size `tpsexplore.deploy` gets: an integer, or None for a dynamic batch (one-line errors)."""
+    from ..deploy import FORMATS, check_batch_size
+
+    if format not in FORMATS:
+        raise ValueError(f"format: {format!r} is not supported; allowed: {', '.join(FORMATS)}")
+    if batch is None:
+        return 1 if format == "torchscript" else None
+    if batch == "dynamic":
+        if format == "torchscript":
+            raise ValueError("batch_size: dynamic is not possible for torchscript (a trace fixes the batch); "
+                             "give a number, or use --format onnx or pt2")
+        return None
+    return check_batch_size(batch)
+
+
+def _export_model_file(model: Any, out: str | os.PathLike[str], format: str, batch: int | None,
+                       cfg: dict[str, Any]) -> dict[str, Any]:
+    """Write ``model`` to ``out`` in ``format`` (atomically, by `tpsexplore.deploy`); its ``"model"`` entry."""
+    from .. import deploy
+
+    path = deploy.export_model(model, out, format, batch_size=batch)
+    details = ((cfg.get("study") or {}).get("data") or {}).get("details") or {}
+    size = int(cfg["backbone"].get("img_size") or cfg["geometry"]["img_size"])
+    channels = int(model.patch_embed.proj.in_channels)
+    entry = {
+        "path": Path(path).name,  # beside the config
+        "format": format,
+        "batch_size": "dynamic" if batch is None else batch,
+        "sha256": sha256_file(path),
+        "bytes": Path(path).stat().st_size,
+        "input": [channels, size, size],
+        "input_name": deploy.INPUT_NAME if format == "onnx" else None,
+        "output_name": deploy.OUTPUT_NAME if format == "onnx" else None,
+        "opset": deploy.DEFAULT_OPSET if format == "onnx" else None,
+        "preprocess": {"img_size": size, "mean": details.get("mean"), "std": details.get("std")},
+        "carries": "the reduction config, label, backbone and batch size (ONNX metadata_props / pt2 and "
+                   "TorchScript extra files); this file holds the rest",
+    }
+    return {k: entry[k] for k in MODEL_KEYS}
 
 
 # ----------------------------------------------------------------------------- weights
