@@ -84,6 +84,11 @@ def test_summary_names_the_cheaper_indistinguishable_trial(trials, tmp_path):
     assert "accuracy vs baseline : -1.2 pts [-2.0, -0.5], McNemar p=0.00049" in text
     assert "speed-up             : 2.60x at batch 64 (range 2.47-2.70, slowest-fastest of 5 windows" in text
     assert "390 img/s at the reference baseline" in text  # 2.6 x the reference's 150 img/s
+    # a speed-up measured by measure_pair carries its window-pair ratios: they give the spread
+    sp = {"kind": "speedup", "value": 2.5, "batch_size": 64, "dtype": "fp32",
+          "extra": {"window_ratios": [2.4, 2.5, 2.45, 2.6, 2.55]}}
+    speed = speed_of([sp])
+    assert (speed.median, speed.low, speed.high) == (2.5, 2.4, 2.6) and "5 window-pair ratios" in speed.spread
     assert lines[-1].endswith(f"tpsexplore export {tmp_path} --trial 2 -o config.json")
     assert marks[1]["vs_best"] == "most accurate" and marks[2]["vs_best"] == "~ (p=0.25)"
     assert marks[3]["vs_best"] == "< (p<1e-4)" and marks[4]["vs_best"] == ""

@@ -116,7 +116,8 @@ def confirmed_of(measurements: Iterable[Mapping[str, Any]]) -> ConfirmedAccuracy
 def speed_of(measurements: Sequence[Mapping[str, Any]], reference: float | None = None) -> Speed | None:
     """The paired speed-up at the largest measured batch (batch 1 when that is all), with its spread.
 
-    Spread, best first: the per-window speed-ups when the record has them (``extra["values"]`` or
+    Spread, best first: the adjacent window-pair ratios the speed-up is the median of (``extra["window_ratios"]``,
+    `measure_pair`); the per-window speed-ups when the record has them (``extra["values"]`` or
     ``extra["window_speedups"]``); else the model's slowest and fastest window over the paired baseline's
     median (``images_per_s_min``/``_max`` of the throughput record beside it); else the one value.
     """
@@ -128,6 +129,11 @@ def speed_of(measurements: Sequence[Mapping[str, Any]], reference: float | None 
     extra = _extra(m)
     value = float(m["value"])
     reference = reference if bs > 1 else None  # the reference is a throughput at the study's (large) batch
+    ratios = extra.get("window_ratios")
+    if isinstance(ratios, (list, tuple)) and ratios:
+        _, lo, hi = median_spread(ratios)
+        return Speed(value, min(value, lo), max(value, hi), bs or None,
+                     f"lowest-highest of {len(ratios)} window-pair ratios", reference)
     windows = extra.get("values") or extra.get("window_speedups")
     if isinstance(windows, (list, tuple)) and windows:
         med, lo, hi = median_spread(windows)
