@@ -226,7 +226,7 @@ def build_report(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
         if data.root is None:
             raise ValueError("out: a bare results database has no study directory; give --out DIR")
         out = data.layout.report_dir
-    from .writable import check_output_dir
+    from ..writable import check_output_dir
 
     out = check_output_dir(out, "out")  # before anything is written
     fig_dir = out / "figures"

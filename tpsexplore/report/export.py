@@ -268,7 +268,7 @@ def export_trial(study: str | os.PathLike[str], out: str | os.PathLike[str] | No
     ``model_batch_size``: an integer fixes the exported batch, ``"dynamic"`` leaves it free (not TorchScript,
     whose trace fixes it), None is the format's default (dynamic; 1 for TorchScript).
     """
-    from .writable import check_output_file
+    from ..writable import check_output_file
 
     if format is not None:
         model_batch_size = _model_batch(format, model_batch_size)

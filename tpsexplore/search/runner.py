@@ -55,6 +55,7 @@ from ..manifest import (Budget, DataSource, Fidelity, Geometry, Objective, Study
                         read_manifest)
 from ..measure.telemetry import usable_core_count
 from ..storage import ResultsStore
+from ..writable import nearest_existing, probe
 from .backend import (A_HEARTBEAT, A_ROLE, A_WORKER, S_ENQUEUED, S_FINGERPRINT, counted, end,
                       make_sampler, open_storage, recover, retries_first, record, storage_display, storage_of,
                       worker_identity)
@@ -162,20 +163,13 @@ def trial_threads(settings: SearchSettings, device: torch.device, n_workers: int
 
 def check_output_dir(settings: SearchSettings) -> None:
     """The study directory (or its nearest existing ancestor) must be a writable directory."""
-    target = settings.study_dir.absolute()
-    probe = target
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ValueError(f"out: {str(probe)!r} is a file, not a directory; choose another --out directory")
-    try:  # a real probe: os.access says yes to root even on read-only mounts and /proc
-        import tempfile
-
-        os.rmdir(tempfile.mkdtemp(prefix=".tpsx-probe-", dir=probe))
+    folder = nearest_existing(settings.study_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"out: {str(folder)!r} is a file, not a directory; choose another --out directory")
+    try:
+        probe(folder)
     except OSError as e:
-        raise ValueError(f"out: {str(probe)!r} is not writable ({e.strerror or e}); choose another --out "
+        raise ValueError(f"out: {str(folder)!r} is not writable ({e.strerror or e}); choose another --out "
                          "directory") from None
 
 
