@@ -4,10 +4,8 @@ export` resolve the trial's real weights through the study, verify their sha256 
 missing. Real tiny timm ViTs and a real study folder (tests/test_report.py's `make_study`), no mocks."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import json
 import re
 import warnings
@@ -18,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import tpsexplore
+from cli_run import run_cli
 from test_report import PROXY_DATA, TINY, TRIALS, make_study
 from tpsexplore.backbones import create_backbone
-from tpsexplore.cli import main
 from tpsexplore.manifest import StudyLayout, read_manifest
 from tpsexplore.measure.flops import analytic_macs, geometry_from_model
 from tpsexplore.reduce import ReductionConfig, last_info, method_names, token_schedule
@@ -32,13 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SEARCHED = "img 32 (16 patch + 1 prefix tokens), depth 4, width 64"  # TINY: what the study searched on
 OTHER = dict(TINY, img_size=64)  # the same backbone at 64 px: 64 patch tokens
 OTHER_TEXT = "img 64 (64 patch + 1 prefix tokens), depth 4, width 64"
-
-
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def _model(**kw) -> torch.nn.Module:
@@ -62,7 +53,7 @@ def study(tmp_path_factory) -> Path:
 def exported(study: Path, tmp_path_factory) -> dict:
     """Trial 1 (eTPS) exported without --weights: the config names the study's own weights file."""
     out = tmp_path_factory.mktemp("exported") / "config.json"
-    rc, _, err = _cli(["export", str(study), "--trial", "1", "-o", str(out)])
+    rc, _, err = run_cli(["export", str(study), "--trial", "1", "-o", str(out)])
     assert rc == 0, err
     return json.loads(out.read_text()) | {"_path": str(out)}
 
@@ -188,7 +179,7 @@ def test_relative_weights_are_resolved_beside_the_config(study: Path, tmp_path, 
     work.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(work)
-    rc, out, err = _cli(["export", str(study), "--trial", "2", "-o", "deploy/c.json", "--weights",
+    rc, out, err = run_cli(["export", str(study), "--trial", "2", "-o", "deploy/c.json", "--weights",
                          "deploy/w.safetensors"])
     assert rc == 0, err
     cfg = json.loads((work / "deploy" / "c.json").read_text())
@@ -203,7 +194,7 @@ def test_relative_weights_are_resolved_beside_the_config(study: Path, tmp_path, 
 
 def test_missing_or_changed_weights_are_refused_in_one_line(study: Path, tmp_path):
     cfg_path, w = tmp_path / "c.json", tmp_path / "w.safetensors"
-    assert _cli(["export", str(study), "--trial", "3", "-o", str(cfg_path), "--weights", str(w)])[0] == 0
+    assert run_cli(["export", str(study), "--trial", "3", "-o", str(cfg_path), "--weights", str(w)])[0] == 0
     w.write_bytes((study / "weights" / "trial_2.safetensors").read_bytes())  # valid weights, not the exported ones
     with pytest.raises(ValueError) as e:
         load_deployment(cfg_path)
@@ -237,12 +228,12 @@ def test_export_faults_exit_2_in_one_line_and_write_nothing(study: Path, no_weig
          "weights: trial 1"),
     ]
     for argv, start in cases:
-        rc, _, err = _cli(argv)
+        rc, _, err = run_cli(argv)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and start in err, (argv, err)
         assert not w.exists() and not c.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"] and not any((tmp_path / "adir").iterdir())
     # without --weights such a trial still exports (to apply to your own weights), saying it names none
-    rc, out, _ = _cli(["export", str(no_weights_study), "--trial", "1", "-o", str(c)])
+    rc, out, _ = run_cli(["export", str(no_weights_study), "--trial", "1", "-o", str(c)])
     assert rc == 0 and "no weights" in out and json.loads(c.read_text())["weights"] is None
     with pytest.raises(ValueError, match="names no weights file"):
         load_deployment(c)

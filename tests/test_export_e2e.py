@@ -6,8 +6,6 @@ unchanged JSON export, and `profile` on onnxruntime and torch.compile (tiny prox
 Real search, real exporters, real onnxruntime and Dynamo/inductor; no mocks."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -21,9 +19,9 @@ import onnx  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from cli_run import run_cli  # noqa: E402
 from conftest import IMAGENET_SAMPLE  # noqa: E402
 from tpsexplore import deploy  # noqa: E402
-from tpsexplore.cli import main  # noqa: E402
 from tpsexplore.measure.profile import ProfileConfig, format_profile, profile  # noqa: E402
 from tpsexplore.reduce import ReductionConfig, last_info  # noqa: E402
 from tpsexplore.report import load_deployment, load_trials  # noqa: E402
@@ -37,19 +35,12 @@ PT2_TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def study(proxy_cache, tmp_path_factory) -> Path:
     """The smoke study, searched for real: the baseline and one reduced trial, both fine-tuned, weights kept."""
     out = tmp_path_factory.mktemp("e2e-runs")
     torch.set_num_threads(1)
-    rc, _, err = _cli(["search", "--study", str(SMOKE), "--out", str(out), "--trials", "2", "--confirm", "0",
+    rc, _, err = run_cli(["search", "--study", str(SMOKE), "--out", str(out), "--trials", "2", "--confirm", "0",
                        "--quiet"])
     assert rc == 0, err[-2000:]
     return out / "smoke"
@@ -69,7 +60,7 @@ def trial(study: Path) -> int:
 def onnx_export(study: Path, trial: int, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("deploy")
     path = folder / "model.onnx"
-    rc, out, err = _cli(["export", str(study), "--trial", str(trial), "--format", "onnx", "-o", str(path)])
+    rc, out, err = run_cli(["export", str(study), "--trial", str(trial), "--format", "onnx", "-o", str(path)])
     assert rc == 0, err
     return {"path": path, "stdout": out, "stderr": err, "config": json.loads(model_config_path(path).read_text())}
 
@@ -145,7 +136,7 @@ def test_onnxruntime_on_real_jpegs_matches_the_eager_model_with_the_trials_weigh
 def test_pt2_export_round_trip(study: Path, trial: int, tmp_path: Path, real_images: torch.Tensor,
                                eager: torch.nn.Module):
     path = tmp_path / "model.pt2"
-    rc, out, err = _cli(["export", str(study), "--trial", str(trial), "--format", "pt2", "--batch-size",
+    rc, out, err = run_cli(["export", str(study), "--trial", str(trial), "--format", "pt2", "--batch-size",
                          str(N_IMAGES), "-o", str(path)])
     assert rc == 0, err
     assert "as pt2 (batch 8)" in out
@@ -161,7 +152,7 @@ def test_pt2_export_round_trip(study: Path, trial: int, tmp_path: Path, real_ima
 
 def test_without_format_the_json_export_is_unchanged(study: Path, trial: int, tmp_path: Path):
     path = tmp_path / "config.json"
-    rc, out, err = _cli(["export", str(study), "--trial", str(trial), "-o", str(path)])
+    rc, out, err = run_cli(["export", str(study), "--trial", str(trial), "-o", str(path)])
     assert rc == 0, err
     cfg = json.loads(path.read_text())
     assert "model" not in cfg and cfg["weights"]["path"] == f"weights/trial_{trial}.safetensors"
@@ -194,7 +185,7 @@ def test_export_faults_exit_2_in_one_line_and_write_nothing(study: Path, trial: 
     (tmp_path / "old.onnx").write_bytes(b"previous export")
     before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     for name, (argv, needle) in cases.items():
-        rc, out, err = _cli(argv)
+        rc, out, err = run_cli(argv)
         assert rc == 2, (name, err)
         assert out == "" and err.count("\n") == 1 and err.startswith("tpsexplore export: error: "), (name, err)
         assert needle in err, (name, err)
@@ -238,5 +229,5 @@ def test_profile_runtime_flags_are_checked_before_any_work():
     for argv, needle in ((["--runtime", "onnxruntime", "--dtypes", "fp32,bf16"], "--dtypes: fp32,bf16"),
                          (["--runtime", "onnxruntime", "--device", "cuda"], "--device: 'cuda'"),
                          (["--runtime", "tvm"], "invalid choice: 'tvm'")):
-        rc, out, err = _cli(["profile", "--backbone", "deit_t", *argv])
+        rc, out, err = run_cli(["profile", "--backbone", "deit_t", *argv])
         assert rc == 2 and err.count("\n") == 1 and needle in err, err

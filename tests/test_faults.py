@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import math
 import os
 import signal
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_run import run_cli
 from tpsexplore.backbones import create_backbone
 from tpsexplore.reduce import ReductionConfig, apply
 
@@ -81,12 +81,8 @@ def _env() -> dict[str, str]:
 def _cli(*args: str) -> SimpleNamespace:
     """`tpsexplore ARGS` through the real entry point (`tpsexplore.cli.main`) in this process: an exception that
     escapes it (a traceback for a user) fails the test. Subprocesses are used where signals are the point."""
-    from tpsexplore.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    code, out, err = run_cli(list(args))
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def _one_line(res: subprocess.CompletedProcess, code: int, *needles: str) -> str:

@@ -4,8 +4,6 @@ reading the budget from the manifest, configs read back as `ReductionConfig` JSO
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -14,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tpsexplore.cli import main
+from cli_run import run_cli
 from tpsexplore.manifest import (JOURNAL, MANIFEST, MANIFEST_VERSION, RESULTS_DB, Budget, StudyLayout, StudyManifest,
                                  atomic_write, parse_storage, read_manifest)
 from tpsexplore.measure.train import ProxyConfig, default_cache_dir, proxy_cache_path, resolve_proxy_config
@@ -30,13 +28,6 @@ PACKAGE = ROOT / "tpsexplore"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def study(proxy_cache, tmp_path_factory) -> dict:
     """A real 4-trial search of the tiny smoke study, with the proxy's lr left to its default (the case where the
@@ -48,7 +39,7 @@ def study(proxy_cache, tmp_path_factory) -> dict:
     spec.write_text(text.replace("\nlr = 2e-3\n", "\n", 1))  # [proxy] lr: resolved from the width
     args = ["search", "--study", str(spec), "--out", str(tmp / "runs"), "--study-name", "m", "--trials", "4",
             "--confirm", "0", "--quiet"]
-    rc, out, err = _run(args)
+    rc, out, err = run_cli(args)
     assert rc == 0, err[-2000:]
     return {"dir": tmp / "runs" / "m", "args": args, "stdout": out}
 
@@ -97,7 +88,7 @@ def test_one_proxy_checkpoint_name(study):
 def test_resume_keeps_the_manifest_written_once(study):
     path = StudyLayout(study["dir"]).manifest
     before = path.read_bytes()
-    rc, _, err = _run(study["args"])
+    rc, _, err = run_cli(study["args"])
     assert rc == 0, err[-2000:]
     assert path.read_bytes() == before
 
@@ -177,11 +168,11 @@ def test_report_refuses_a_broken_manifest_with_exit_2(study, tmp_path):
     shutil.copytree(study["dir"], d)
     (d / MANIFEST).write_text('{"version": 1, "study": ')
     before = (d / RESULTS_DB).read_bytes()
-    rc, _, err = _run(["report", str(d), "-o", str(tmp_path / "rep"), "--quiet"])
+    rc, _, err = run_cli(["report", str(d), "-o", str(tmp_path / "rep"), "--quiet"])
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and str(d / MANIFEST) in lines[0] and "not valid JSON" in lines[0]
     assert (d / RESULTS_DB).read_bytes() == before and not (tmp_path / "rep").exists()
-    rc, _, err = _run(["export", str(d), "-o", str(tmp_path / "c.json")])
+    rc, _, err = run_cli(["export", str(d), "-o", str(tmp_path / "c.json")])
     assert rc == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "c.json").exists()
 
 
@@ -221,7 +212,7 @@ def test_parse_storage_bad_is_one_line(text, message):
 
 
 def test_search_refuses_a_bad_port_before_writing(tmp_path):
-    rc, _, err = _run(["search", "--study", str(SMOKE), "--out", str(tmp_path / "runs"),
+    rc, _, err = run_cli(["search", "--study", str(SMOKE), "--out", str(tmp_path / "runs"),
                        "--storage", "postgresql://u@localhost:5x32/db", "--trials", "1", "--quiet"])
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "postgresql://u@localhost:5x32/db" in lines[0] and "port" in lines[0]
