@@ -121,6 +121,8 @@ def test_stored_extra_round_trip_mean_and_spread():
     assert lo < back.mean < hi
     text = format_confirmed(back)
     assert text.startswith(f"{100 * c.mean:.0f}% \u00b1 ") and "3 seeds" in text
+    close = ConfirmedAccuracy((1, 2), (3500, 3512), 4000)  # interval +-1 point: the mean is shown to 0 decimals
+    assert format_confirmed(close).startswith("88% \u00b1 0.2 (2 seeds, 87.5-87.8)")  # the spread shows its first digit
     assert confirmed_accuracy({"n": 37, "correct": 20}) is None  # a single-run measurement is not a confirmation
     assert ConfirmedAccuracy((5,), (20,), 37).std == 0.0
     with pytest.raises(ValueError, match=r"^seeds: 2 seeds for 1 counts"):

@@ -29,8 +29,10 @@ from tpsexplore.measure.data import (
 from tpsexplore.measure.train import (
     FinetuneConfig,
     ProxyConfig,
+    amp_dtype_for,
     evaluate,
     finetune,
+    native_bf16,
     proxy_backbone,
     proxy_cache_path,
     proxy_lr,
@@ -274,6 +276,25 @@ def test_finetune_reduces_loss_and_records_the_run(proxy_small):
     assert record["amp"] == "fp32" and record["device"] == "cpu" and record["epochs"] == 60 * 32 / 64
     assert record["loss_parts"]["ratio"] == 0.0 and record["loss_parts"]["kl"] == 0.0
     assert 0.0 <= record["top1"] <= record["top5"] <= 1.0 and record["n"] == len(val)
+
+
+def test_bf16_on_cpu_only_when_asked_and_training_restores_fused_attention(proxy_small):
+    model, train, val, _ = proxy_small
+    cpu = torch.device("cpu")
+    assert amp_dtype_for("auto", cpu) is None and amp_dtype_for("off", cpu) is None
+    assert amp_dtype_for("bf16", cpu) is torch.bfloat16
+    model = copy.deepcopy(model)
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert fused and all(fused)
+    record = finetune(model, train, None, FinetuneConfig(steps=3, **{**FAST, "amp": "bf16"}))
+    assert record["amp"] == "bf16" and all(math.isfinite(v) for v in record["losses"])
+    assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused  # restored after training
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+    # the proxy's pre-training asks for bf16 exactly where the hardware has it (AMX on CPU)
+    assert ProxyConfig().finetune_config(0, False).amp == ("bf16" if native_bf16(cpu) else "auto")
+    assert ProxyConfig(amp="off").finetune_config(0, False).amp == "off"
+    with pytest.raises(ValueError, match=r"^amp: 'fp8'; allowed: auto, bf16, fp16, off"):
+        ProxyConfig(amp="fp8")
 
 
 def test_finetune_is_deterministic_per_seed(proxy_small):

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,8 +51,9 @@ class FinetuneConfig:
     Weight decay skips biases, norms, cls_token and pos_embed unless ``wd_all_params`` (TPS's code
     decays every parameter). distill_weight / token_distill_weight: None gives 0.5 each when a teacher
     is passed. token_loss: 'kl' over the channel softmax (TPS) or 'mse' (DynamicViT). ratio_weight scales
-    `tpsexplore.reduce.ratio_loss` (zero for methods without a learned predictor). amp: autocast on GPU
-    only ('auto' = bf16 where supported, else fp16 with a GradScaler); CPU always runs fp32.
+    `tpsexplore.reduce.ratio_loss` (zero for methods without a learned predictor). amp: on GPU 'auto' =
+    bf16 where supported, else fp16 with a GradScaler; on CPU 'auto' runs fp32 and only an explicit 'bf16'
+    autocasts (with explicit attention, see `finetune`).
     """
 
     steps: int | None = None
@@ -125,7 +126,9 @@ def finetune(model: torch.nn.Module, train: Dataset, val: Dataset | None = None,
     """Fine-tune ``model`` in place on ``train`` and evaluate it on ``val``; return the run's record.
 
     Seeded: the same seed gives the same losses and accuracy on CPU. A non-finite loss raises
-    FloatingPointError naming the step, so a search can record the failed trial.
+    FloatingPointError naming the step, so a search can record the failed trial. bf16 on CPU trains with
+    timm's explicit attention: the fused CPU kernel's bf16 backward is slower than fp32 (measured on a
+    2-core AMX Xeon: 1.09x vs 1.86x for the explicit form, deit_t 56 px batch 64).
     """
     cfg = cfg or FinetuneConfig()
     if len(train) == 0:
@@ -152,7 +155,8 @@ def finetune(model: torch.nn.Module, train: Dataset, val: Dataset | None = None,
     seen = 0
     was_training = model.training
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    explicit = device.type == "cpu" and amp_dtype is torch.bfloat16
+    with torch.random.fork_rng(devices=_rng_devices(device)), _explicit_attention(model, explicit):
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         batches = _train_batches(train, cfg.batch_size, gen, cfg.num_workers, device)
@@ -329,30 +333,33 @@ class ProxyConfig:
     one). Length: ``epochs`` (passes over the training digits) when set, else ``steps``; the cluttered
     proxy renders fresh training images for every batch, so an epoch is a pass over the digits, not over
     fixed images. The defaults are the measured recipe for deit_t at 56x56 / patch 8 on cluttered digits
-    (benchmarks/proxy_pretrain.py, benchmarks/proxy_discrimination.py): 900 steps of batch 64, lr 5e-4,
-    10% warm-up, between two measured schedules: stretched to 1,500 steps the recipe passed 85% val top-1
-    near step 750 and ended at 94.5%; cut to 500 steps it ends at 64% (79% with a 30% warm-up). lr None
+    (benchmarks/proxy_pretrain.py, benchmarks/proxy_discrimination.py): 800 steps of batch 64, lr 5e-4,
+    20% warm-up (900 steps gave 90.6%; 800 keep the main job within 15 minutes), between two measured
+    schedules: stretched to 1,500 steps the recipe passed 85% val top-1 near step 750 and ended at 94.5%; cut to 500 steps it ends at 64% (79% with a 30% warm-up). lr None
     uses `proxy_lr` (wider models need a smaller lr from scratch: deit_s stays at chance with deit_t's lr).
     ``model_kwargs`` are extra timm overrides (e.g. depth, embed_dim for a tiny test model); they change
     the cache key.
     min_top1: below this the run raises instead of caching a poor stand-in (None: no check).
+    amp: 'auto' pre-trains in bf16 where the hardware computes it natively (CUDA, or a CPU with AMX:
+    1.86x per step on a 2-core Xeon), else fp32; evaluation stays fp32 on CPU.
     """
 
     img_size: int = PROXY_IMG_SIZE
     patch_size: int = PROXY_PATCH_SIZE
     proxy: str = PROXY_NAME
-    steps: int = 900
+    steps: int = 800
     epochs: float | None = None
     batch_size: int = 64
     lr: float | None = None
     weight_decay: float = 0.05
-    warmup_fraction: float = 0.2  # 180 of 900 steps: 30% beat 10% by 15 points at 500 steps (benchmarks/proxy_discrimination.py history)
+    warmup_fraction: float = 0.2  # 160 of 800 steps: 30% beat 10% by 15 points at 500 steps (benchmarks/proxy_discrimination.py history)
     min_lr: float = 1e-6
     proxy_shift: float = 0.0
     train_limit: int | None = None
     val_limit: int | None = None
     min_top1: float | None = 0.85
     device: str | None = None
+    amp: str = "auto"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -362,17 +369,21 @@ class ProxyConfig:
             raise ValueError(f"steps: {self.steps!r} must be a positive integer")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"epochs: {self.epochs!r} must be > 0 or None")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp: {self.amp!r}; allowed: {', '.join(AMP_MODES)}")
 
     def data_spec(self, seed: int) -> DataSpec:
         return DataSpec(path=None, seed=seed, train_limit=self.train_limit, val_limit=self.val_limit,
                         proxy_shift=self.proxy_shift, proxy=self.proxy)
 
     def finetune_config(self, seed: int, progress: bool) -> FinetuneConfig:
+        """The pre-training run; amp 'auto' trains in bf16 wherever the hardware has it (AMX CPUs too)."""
+        native = self.amp == "auto" and native_bf16(resolve_device(self.device or "auto"))
         return FinetuneConfig(steps=None if self.epochs is not None else self.steps, epochs=self.epochs,
                               batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                               warmup_fraction=self.warmup_fraction, min_lr=self.min_lr, ratio_weight=0.0,
-                              amp="auto", device=self.device, seed=seed, progress=progress,
-                              desc="proxy pre-train")
+                              amp="bf16" if native else self.amp, device=self.device, seed=seed,
+                              progress=progress, desc="proxy pre-train")
 
     @property
     def length(self) -> str:
@@ -506,14 +517,38 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 def amp_dtype_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: None (fp32) on CPU or with amp='off'; bf16 where supported for 'auto'."""
+    """The autocast dtype: None (fp32) with amp='off' and on CPU unless amp='bf16'; on GPU bf16 where
+    supported for 'auto', else fp16."""
     if amp not in AMP_MODES:
         raise ValueError(f"amp: {amp!r}; allowed: {', '.join(AMP_MODES)}")
+    if device.type == "cpu" and amp == "bf16":
+        return torch.bfloat16
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matmuls run in hardware: CUDA with bf16 support, or a CPU with AMX tiles."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and bool(amx and amx())
+
+
+@contextmanager
+def _explicit_attention(model: torch.nn.Module, enabled: bool):
+    """Within the block, timm attention modules use their explicit (non-fused) form; restored after."""
+    saved = [(m, m.fused_attn) for m in model.modules() if enabled and isinstance(getattr(m, "fused_attn", None), bool)]
+    for m, _ in saved:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, fused in saved:
+            m.fused_attn = fused
 
 
 def _amp_name(dtype: torch.dtype | None) -> str:

@@ -150,9 +150,10 @@ def confirmed_accuracy(extra: dict[str, Any] | None) -> ConfirmedAccuracy | None
 def format_confirmed(c: ConfirmedAccuracy, decimals: int | None = None) -> str:
     """'91.2% +- 0.4 (3 seeds, 90.8-91.6)': mean +- sample std in percent, with the digits the interval supports."""
     d = decimals_for(c.half_width) if decimals is None else decimals
+    sd = max(d, decimals_for(c.std)) if c.std > 0 else d  # the spread and range show their first digit, never '± 0'
     seeds = f"{c.count} seed{'s' if c.count != 1 else ''}"
-    return (f"{100 * c.mean:.{d}f}% \u00b1 {100 * c.std:.{d}f} ({seeds}, {100 * c.min:.{d}f}-"
-            f"{100 * c.max:.{d}f})")
+    return (f"{100 * c.mean:.{d}f}% \u00b1 {100 * c.std:.{sd}f} ({seeds}, {100 * c.min:.{sd}f}-"
+            f"{100 * c.max:.{sd}f})")
 
 
 def confirmed_from_store(store: Any, study: Any) -> dict[int, ConfirmedAccuracy]:

@@ -12,7 +12,7 @@ OBJECTIVES = {
     "accuracy,throughput": (("accuracy", "maximize"), ("throughput", "maximize")),
     "accuracy,latency": (("accuracy", "maximize"), ("latency", "minimize")),
 }
-DEFAULT_TRIALS = 18  # with pre-training and confirmation: the main job within 15 minutes on 2 idle cores
+DEFAULT_TRIALS = 16  # with pre-training and confirmation: the main job within 15 minutes on 2 idle cores
 DEFAULT_FINETUNE_STEPS = 40
 DEFAULT_BUDGET = 0.35
 DEFAULT_BACKBONE = "deit_t"
