@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tpsexplore"
 # a unit (top-level module or subpackage of tpsexplore) may import only units of a lower rank
 RANK = {
     "errors": 0, "stats": 0, "progressbar": 0, "lazy": 0, "writable": 0,
+    "models": 0,  # backbones timm lacks (PVT v1, CvT): torch and timm only; backbones registers them
     "manifest": 1, "backbones": 1, "storage": 1,
     "reduce": 2,
     "deploy": 3,

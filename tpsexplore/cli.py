@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     head = ("method", "policy", "treatment", "treatments allowed", "reduces", "keep rule", "trained", "description")
     where = {"inter": "before block i", "intra": "in block i"}
     rows = [head] + [(s.name, s.policy, s.treatment, "/".join(s.treatments),
-                      "every block" if s.count_rule == "merge" else where.get(s.placement, s.placement),
+                      "every block" if s.merges else where.get(s.placement, s.placement),
                       s.count_rule, "yes" if s.trainable else "no", s.description) for s in METHODS.values()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, row in enumerate(rows):

@@ -10,17 +10,27 @@ layer scale and gather/scatter/sort carry no MACs.
 * `traced_macs` runs fvcore's `FlopCountAnalysis` on the eval path at batch 1 with extra handles for the
   ops fvcore does not know (see `EXTRA_OP_RULES`), and raises `UncountedOpError` when the trace meets an
   op that is neither handled nor listed in `MAC_FREE_OPS`: it fails loudly rather than undercounting.
+  It counts the hierarchical backbones too (Swin, PVT v1/v2, CvT), whose closed form is
+  `tpsexplore.measure.hier_flops.hier_analytic_macs`.
 * `cross_check` compares the trace with `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per MAC).
 
 What the core's method extras cost (mirrored by `analytic_macs`, seen by the trace), per stage:
 predictor (spec 1.1) 5N'C + N'(C^2 + C*C/2 + C/2*C/4 + C/4*2) on the N' alive spatial tokens;
 class-attention row N_a*C (the core computes the cls query row q_0 K^T beside fused attention);
-EViT fused token removed*C; TPS squeeze 2*Nr*Np*C plus the two L2 norms (Nr+Np)*C;
-ToMe matching ceil(t/2)*floor(t/2)*d plus the metric norm t*d; similarity scoring Np^2*C plus two norms
-2*Np*C (the core normalises both operands), and 2*Np*k for the grid distances when diversity > 0
+EViT fused token removed*C; TPS squeeze 2*Nr*Np*C plus the two L2 norms (Nr+Np)*C (the cosine and the
+fusion), only the fusion Nr*Np*C when it matches on the previous attention map (squeeze_similarity
+'attention': the map comes from the attention matmuls the block runs anyway, unfused, with the same MACs;
+TPS Table 5); ToMe matching Na*Nb*d over the non-prefix A and B sets (`reduce.ops.merge_sets`) plus the
+metric norm t*d; similarity scoring Np^2*C plus two norms 2*Np*C for cosine (the core normalises both
+operands), Np^2*C for dot, Np^2*C plus one squared norm Np*C for euclidean, and 2*Np*k for the grid
+distances when diversity > 0
 (what runs; the trace drops the last selection round's distances, which feed nothing: < 0.01%);
 attention rollout one unreduced pass of the blocks up to the last attention map (`scoring_pass`, see
-`rollout_scoring_macs`) plus the class-row rollout products, (depth-1)*N^2 (`rollout`).
+`rollout_scoring_macs`) plus the class-row rollout products, (depth-1)*N^2 (`rollout`);
+ToFu ToMe's matching on the t tokens of each reducing block, then in its MLERP blocks the L2 norms of all t
+tokens plus those of the t - r merged means (`mlerp`; the norms of all t only with mlerp_dst_norm), in its
+prune blocks nothing more, or the TPS squeeze with ToFu + squeeze; PiToMe the cosine of its T non-prefix keys
+T^2*d plus their norms T*d (`matching`; the energies and the matching reuse it).
 L2 norms and cdist are counted as one MAC per squared element.
 """
 from __future__ import annotations
@@ -34,12 +44,15 @@ import torch
 from torch import nn
 
 from ..reduce.config import ReductionConfig
-from ..reduce.schedule import token_schedule
+from ..reduce.methods import RATIO_RULES
+from ..reduce.ops import merge_sets
+from ..reduce.schedule import Stage, tofu_merges, token_schedule
 
 __all__ = [
     "CrossCheck", "EXTRA_OP_RULES", "MAC_FREE_OPS", "MacReport", "ParamReport", "TracedMacs",
-    "UncountedOpError", "ViTGeometry", "analytic_macs", "analytic_params", "cross_check", "geometry",
-    "geometry_from_model", "predictor_macs", "predictor_params", "rollout_scoring_macs", "traced_macs",
+    "UncountedOpError", "ViTGeometry", "analytic_macs", "analytic_params", "bipartite_matching_macs", "cross_check",
+    "geometry", "geometry_from_model", "predictor_macs", "predictor_params", "rollout_scoring_macs", "squeeze_macs",
+    "traced_macs",
 ]
 
 
@@ -200,6 +213,7 @@ class MacReport:
     diversity: int = 0
     scoring_pass: int = 0
     rollout: int = 0
+    mlerp: int = 0
     tokens: tuple[int, ...] = field(default=(), compare=False)
 
     @property
@@ -214,7 +228,7 @@ class MacReport:
     def extras(self) -> int:
         """The method's own cost: predictors, scoring, squeeze/fuse/matching, rollout's scoring pass."""
         return (self.predictor + self.cls_attention + self.fuse + self.squeeze + self.matching
-                + self.similarity + self.diversity + self.scoring_pass + self.rollout)
+                + self.similarity + self.diversity + self.scoring_pass + self.rollout + self.mlerp)
 
     @property
     def total(self) -> int:
@@ -290,25 +304,28 @@ def analytic_macs(config: ReductionConfig, geometry: ViTGeometry) -> MacReport:
     head = c * g.num_classes
 
     extras = dict.fromkeys(("predictor", "cls_attention", "fuse", "squeeze", "matching", "similarity",
-                            "diversity", "scoring_pass", "rollout"), 0)
+                            "diversity", "scoring_pass", "rollout", "mlerp"), 0)
     spec = config.spec
     if spec is not None:
         treatment = config.effective_treatment
         for st in sched.stages:
             n = st.before
+            if spec.count_rule in RATIO_RULES:
+                _ratio_merge_extras(extras, config, g, st)
+                continue
             if spec.policy == "predictor":
                 extras["predictor"] += predictor_macs(n, c)
             elif spec.policy == "cls_attn":
                 extras["cls_attention"] += sched.blocks[st.block][0] * g.attn_dim
             elif spec.policy == "similarity":
-                extras["similarity"] += n * n * c + 2 * n * c
+                extras["similarity"] += n * n * c + {"cosine": 2 * n * c, "dot": 0, "euclidean": n * c}[
+                    config.similarity_metric]
                 if config.diversity > 0:
                     extras["diversity"] += 2 * n * st.kept
             elif spec.policy == "merge":
-                t = n + g.num_prefix
-                extras["matching"] += ((t + 1) // 2) * (t // 2) * g.head_dim + t * g.head_dim
+                extras["matching"] += bipartite_matching_macs(n + g.num_prefix, g.num_prefix, g.head_dim)
             if treatment == "squeeze":
-                extras["squeeze"] += 2 * st.kept * st.removed * c + (st.kept + st.removed) * c
+                extras["squeeze"] += squeeze_macs(config, st.kept, st.removed, c)
             elif treatment == "fuse":
                 extras["fuse"] += st.removed * c
         if sched.scoring_pass:
@@ -316,6 +333,35 @@ def analytic_macs(config: ReductionConfig, geometry: ViTGeometry) -> MacReport:
             extras["rollout"] = (g.depth - 1) * n0 ** 2  # class row carried back through the blocks
     return MacReport(patch_embed=patch, qkv=qkv, attention=attn, proj=proj, mlp=mlp, norms=norms,
                      final_norm=final, head=head, tokens=tuple(sched.counts()), **extras)
+
+
+def bipartite_matching_macs(tokens: int, num_prefix: int, head_dim: int) -> int:
+    """ToMe's bipartite matching on ``tokens`` keys (`reduce.ops.bipartite_soft_matching`): the norm of every
+    key plus the A x B cosine scores over the non-prefix sets of `reduce.ops.merge_sets`."""
+    a_start, b_start = merge_sets(num_prefix)
+    return ((tokens - a_start + 1) // 2) * ((tokens - b_start + 1) // 2) * head_dim + tokens * head_dim
+
+
+def squeeze_macs(config: ReductionConfig, kept: int, removed: int, dim: int) -> int:
+    """One TPS squeeze of ``removed`` tokens into ``kept`` ones: the cosine and the fusion, 2*Nr*Np*C, plus the two
+    L2 norms (Nr+Np)*C; only the fusion Nr*Np*C when it matches on the attention map (squeeze_similarity)."""
+    if config.squeeze_similarity == "attention":
+        return kept * removed * dim
+    return 2 * kept * removed * dim + (kept + removed) * dim
+
+
+def _ratio_merge_extras(extras: dict[str, int], config: ReductionConfig, g: ViTGeometry, st: Stage) -> None:
+    """The extras of one ToFu or PiToMe block (spec 9.2, 10.2), added into ``extras``."""
+    p, d, c = g.num_prefix, g.head_dim, g.embed_dim
+    t = st.before + p
+    if config.spec.policy == "energy":  # PiToMe: one cosine matrix of the T non-prefix keys
+        extras["matching"] += st.before * st.before * d + st.before * d
+        return
+    extras["matching"] += bipartite_matching_macs(t, p, d)
+    if tofu_merges(st.block, g.depth):
+        extras["mlerp"] += t * c + (0 if config.mlerp_dst_norm else (t - st.removed) * c)
+    elif config.effective_treatment == "squeeze":
+        extras["squeeze"] += squeeze_macs(config, st.kept, st.removed, c)
 
 
 @dataclass(frozen=True)
@@ -352,10 +398,11 @@ MAC_FREE_OPS: frozenset[str] = frozenset({
     "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::div", "aten::div_",
     "aten::neg", "aten::exp", "aten::exp_", "aten::log", "aten::log_", "aten::log1p", "aten::sqrt",
     "aten::rsqrt", "aten::pow", "aten::abs", "aten::sign", "aten::reciprocal", "aten::sigmoid",
-    "aten::sigmoid_", "aten::tanh", "aten::gelu", "aten::gelu_", "aten::silu", "aten::silu_",
+    "aten::sigmoid_", "aten::tanh", "aten::gelu", "aten::gelu_", "aten::elu", "aten::silu", "aten::silu_",
     "aten::hardswish", "aten::clamp_min", "aten::clamp_min_", "aten::clamp_max", "aten::clamp_max_",
     "aten::minimum", "aten::maximum", "aten::where", "aten::masked_fill_", "aten::lerp",
     "aten::round", "aten::ceil", "aten::trunc",
+    "aten::pad",  # Swin pads its grid to whole windows (hierarchical backbones, measure/hier_flops.py)
     # softmax and reductions without products
     "aten::softmax", "aten::log_softmax", "aten::_softmax", "aten::sum", "aten::mean", "aten::amax",
     "aten::amin", "aten::min", "aten::argmax", "aten::argmin", "aten::cumsum", "aten::any", "aten::all",
@@ -481,9 +528,13 @@ class TracedMacs:
 def _input_for(model: nn.Module, input_size: tuple[int, ...] | None) -> torch.Tensor:
     if input_size is None:
         pe = getattr(model, "patch_embed", None)
-        if pe is None:
-            raise ValueError("input_size: required for a model without patch_embed")
-        input_size = (1, pe.proj.in_channels, *pe.img_size)
+        cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        if pe is not None and hasattr(pe, "img_size"):
+            input_size = (1, pe.proj.in_channels, *pe.img_size)
+        elif cfg_size is not None:  # hierarchical backbones (PVT v1/v2, CvT): the size they were built for
+            input_size = (1, *cfg_size)
+        else:
+            raise ValueError("input_size: required for a model without patch_embed or pretrained_cfg input_size")
     size = tuple(input_size)
     if len(size) != 4 or any(not isinstance(v, int) or v <= 0 for v in size):
         raise ValueError(f"input_size: {input_size!r} must be four positive ints (1, C, H, W)")

@@ -7,9 +7,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .methods import METHODS, get_method
+from .methods import METHODS, RATIO_RULES, get_method
 
 SIMILARITY_PLACEMENTS = ("pre", "layerwise")
+SQUEEZE_FEATURES = ("full", "content", "position")  # TPS Table 4 (spec 11.1)
+SQUEEZE_SIMILARITIES = ("cosine", "attention")  # TPS Table 5 (spec 11.2)
+SIMILARITY_METRICS = ("cosine", "euclidean", "dot")  # similarity-pruning preprint 4.4.1 (spec 12)
+SIZE_POLICIES = ("merge",)  # policies that carry token sizes, so proportional attention applies
+#: fields written by to_dict only when they differ from these defaults: configs that do not use them keep
+#: the JSON (and so the seeds derived from it) they had before the fields existed
+OPTIONAL_DEFAULTS = {"prop_attn": True, "squeeze_feature": "full", "squeeze_similarity": "cosine",
+                     "similarity_metric": "cosine", "mlerp_dst_norm": False}
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,21 @@ class ReductionConfig:
     schedule) or ``r_schedule`` (one r per block) instead of keep ratios; its locations default to
     every block. similarity_with_pos scores the 'pre' placement on patch embeddings plus the position
     embedding (default: content only); 'layerwise' always scores the current tokens.
+
+    The papers' ablations (each default is the published method):
+    prop_attn: ToMe's proportional attention (log size added to the attention logits); ToMe's README turns
+    it off for off-the-shelf MAE models.
+    squeeze_feature: what the TPS squeeze matches pruned to reserved tokens on (Table 4): ``full`` x_i,
+    ``content`` x_i - p_i or ``position`` p_i, with p_i the position embedding of the token's original patch.
+    squeeze_similarity: the squeeze's similarity (Table 5): ``cosine`` of the matching features, or
+    ``attention``, the head-averaged attention map computed last before the squeeze (block loc - 1 for
+    reductions between blocks, the block's own for reductions after attention), pruned token as query row.
+    similarity_metric: the redundancy metric of similarity pruning: ``cosine``, ``euclidean`` or ``dot``.
+
+    ToFu and PiToMe take keep ratios, not r: one ratio for every block (no locations, the papers' setting) or
+    one per location (or one for all locations); each is per block, relative to that block's tokens, in
+    [0.5, 1]. mlerp_dst_norm: ToFu's MLERP as the unofficial re-implementation codes it (divide by the
+    destination's norm, not the mean's: not norm-preserving); the default is the norm-preserving MLERP.
     """
 
     method: str = "none"
@@ -36,6 +59,11 @@ class ReductionConfig:
     similarity_with_pos: bool = False
     diversity: float = 0.0
     seed: int = 0
+    prop_attn: bool = True
+    squeeze_feature: str = "full"
+    squeeze_similarity: str = "cosine"
+    similarity_metric: str = "cosine"
+    mlerp_dst_norm: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "locations", _int_tuple(self.locations, "locations"))
@@ -50,8 +78,9 @@ class ReductionConfig:
             value = getattr(self, name)
             if not isinstance(value, (bool, str)) and hasattr(value, "__float__") and type(value).__name__ != "bool_":
                 object.__setattr__(self, name, float(value))
-        if type(self.similarity_with_pos).__name__ == "bool_":
-            object.__setattr__(self, "similarity_with_pos", bool(self.similarity_with_pos))
+        for name in ("similarity_with_pos", "prop_attn", "mlerp_dst_norm"):
+            if type(getattr(self, name)).__name__ == "bool_":
+                object.__setattr__(self, name, bool(getattr(self, name)))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -65,18 +94,24 @@ class ReductionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: {value!r} is not a finite number")
-        for name in ("similarity_with_pos",):
+        for name in ("similarity_with_pos", "prop_attn", "mlerp_dst_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not true or false")
+        for name, allowed in (("squeeze_feature", SQUEEZE_FEATURES), ("squeeze_similarity", SQUEEZE_SIMILARITIES),
+                              ("similarity_metric", SIMILARITY_METRICS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if self.method == "none":
             if self.locations or self.keep_ratios or self.r or self.r_schedule:
                 raise ValueError("method: 'none' takes no locations, keep_ratios or r")
+            self._check_options(None, None)
             return self
         spec = get_method(self.method)
         if self.treatment is not None and self.treatment not in spec.treatments:
             raise ValueError(
                 f"treatment: {self.treatment!r} is not allowed for method {self.method!r}; "
                 f"allowed: {', '.join(spec.treatments)}")
+        self._check_options(spec, self.treatment or spec.treatment)
         locs = self.locations
         if any(b <= a for a, b in zip(locs, locs[1:])):
             raise ValueError(f"locations: {list(locs)} must be strictly increasing")
@@ -108,6 +143,15 @@ class ReductionConfig:
             return self
         if self.r or self.r_schedule:
             raise ValueError(f"r: only ToMe takes r, not {self.method!r}")
+        if spec.count_rule in RATIO_RULES:  # ToFu, PiToMe: a keep ratio per block, every block by default
+            if len(self.keep_ratios) not in (1, max(1, len(locs))):
+                raise ValueError(f"keep_ratios: {len(self.keep_ratios)} values for "
+                                 f"{f'{len(locs)} locations' if locs else 'every block'}; give one for all blocks "
+                                 "(or one per location)")
+            if min(self.keep_ratios) < 0.5:
+                raise ValueError(f"keep_ratios: {min(self.keep_ratios)} is below 0.5; {self.method} removes at most "
+                                 "half of a block's tokens; allowed: [0.5, 1]")
+            return self
         if not locs:
             raise ValueError(f"locations: method {self.method!r} needs at least one location")
         if len(self.keep_ratios) not in (1, len(locs)):
@@ -117,6 +161,32 @@ class ReductionConfig:
             raise ValueError(f"locations: similarity_placement='pre' prunes once before block 0, so locations "
                              f"must be [0] (got {list(locs)}); use similarity_placement='layerwise' otherwise")
         return self
+
+    def _check_options(self, spec, treatment: str | None) -> None:
+        """The ablation options apply only where the method has the part they change."""
+        name = self.method if spec is not None else "none"
+        if not self.prop_attn and (spec is None or spec.policy not in SIZE_POLICIES):
+            raise ValueError(f"prop_attn: false applies only to methods that merge tokens with sizes (ToMe); "
+                             f"method {name!r} has none")
+        if treatment != "squeeze":
+            for field_name in ("squeeze_feature", "squeeze_similarity"):
+                value = getattr(self, field_name)
+                if value != OPTIONAL_DEFAULTS[field_name]:
+                    raise ValueError(f"{field_name}: {value!r} applies only to the squeeze treatment; method "
+                                     f"{name!r} treats pruned tokens by {treatment or 'nothing'!r}")
+        if self.squeeze_similarity == "attention" and self.squeeze_feature != "full":
+            raise ValueError(f"squeeze_feature: {self.squeeze_feature!r} needs squeeze_similarity 'cosine' (the "
+                             "attention map matches tokens without features)")
+        if self.squeeze_similarity == "attention" and spec is not None and spec.placement == "inter" \
+                and 0 in self.locations:
+            raise ValueError(f"squeeze_similarity: 'attention' uses the attention of the block before the "
+                             f"reduction, and method {name!r} reduces before block 0, which has none; allowed: "
+                             "locations >= 1, or 'cosine'")
+        if self.similarity_metric != "cosine" and (spec is None or spec.policy != "similarity"):
+            raise ValueError(f"similarity_metric: {self.similarity_metric!r} applies only to similarity pruning; "
+                             f"method {name!r} does not score by similarity")
+        if self.mlerp_dst_norm and name != "tofu":
+            raise ValueError(f"mlerp_dst_norm: true applies only to ToFu's MLERP merge; method {name!r} has none")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -135,6 +205,14 @@ class ReductionConfig:
         if len(self.keep_ratios) == 1:
             return self.keep_ratios * len(self.locations)
         return self.keep_ratios
+
+    def block_keep_ratios(self, depth: int) -> tuple[float, ...]:
+        """ToFu/PiToMe: the keep ratio of every block, 1.0 where it reduces nothing (every block reduces when no
+        locations are given)."""
+        if not self.locations:
+            return (self.keep_ratios[0] if self.keep_ratios else 1.0,) * depth
+        ratios = dict(zip(self.locations, self.stage_keep_ratios))
+        return tuple(ratios.get(i, 1.0) for i in range(depth))
 
     def merge_schedule(self, depth: int) -> tuple[int, ...]:
         """ToMe's r for every block (ToMe's parse_r), restricted to ``locations`` when they are given."""
@@ -166,10 +244,27 @@ class ReductionConfig:
             name += f"+{self.treatment}"
         if METHODS[self.method].policy == "merge":
             if self.r_schedule:
-                return f"{name} r[{','.join(map(str, self.r_schedule))}]"
-            return f"{name} r{self.r}" + (f" a{self.r_inflection:g}" if self.r_inflection else "")
+                return f"{name} r[{','.join(map(str, self.r_schedule))}]" + self._option_label()
+            return f"{name} r{self.r}" + (f" a{self.r_inflection:g}" if self.r_inflection else "") + \
+                self._option_label()
         ks = ",".join(f"{k:g}" for k in self.keep_ratios)
-        return f"{name} k{ks}@{','.join(map(str, self.locations))}"
+        where = f"@{','.join(map(str, self.locations))}" if self.locations else ""  # ToFu/PiToMe: every block
+        return f"{name} k{ks}{where}" + self._option_label()
+
+    def _option_label(self) -> str:
+        """The ablation options that differ from their defaults, e.g. `` feat=content`` or `` noprop``."""
+        out = ""
+        if not self.prop_attn:
+            out += " noprop"
+        if self.squeeze_feature != "full":
+            out += f" feat={self.squeeze_feature}"
+        if self.squeeze_similarity != "cosine":
+            out += f" sim={self.squeeze_similarity}"
+        if self.similarity_metric != "cosine":
+            out += f" metric={self.similarity_metric}"
+        if self.mlerp_dst_norm:
+            out += " mlerp=dst"
+        return out
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +272,9 @@ class ReductionConfig:
         d["locations"] = list(self.locations)
         d["keep_ratios"] = list(self.keep_ratios)
         d["r_schedule"] = list(self.r_schedule)
+        for name, default in OPTIONAL_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod

@@ -50,6 +50,8 @@ class ReductionStage(nn.Module):
         self.treatment = treatment
         self.placement = placement
         self.target = 1.0  # cumulative keep target of a learned stage (ratio loss)
+        self.mode = ""  # PiToMe: 'bipartite' or 'protect' (set by apply from the block and the depth)
+        self.margin = 0.0  # PiToMe's energy margin at this block
         self.predictor = TokenPredictor(dim) if policy == "predictor" else None
         if policy == "random":
             g = torch.Generator().manual_seed(seed * 1000 + block_index)
@@ -60,4 +62,5 @@ class ReductionStage(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"block={self.block_index}, policy={self.policy}, treatment={self.treatment}, "
-                f"placement={self.placement}, kept={self.kept}, removed={self.removed}")
+                f"placement={self.placement}, kept={self.kept}, removed={self.removed}"
+                + (f", mode={self.mode}" if self.mode else ""))

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .config import SIMILARITY_METRICS
+
 Tensor = torch.Tensor
 
 
@@ -81,40 +83,55 @@ def nearest_distance_matmul(points: Tensor, centres: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- TPS squeeze
-def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+def squeeze(reserved: Tensor, pruned: Tensor, temperature: float = 1.0, similarity: Tensor | None = None,
+            host_weight: float = math.e) -> tuple[Tensor, Tensor]:
     """TPS squeeze (spec 3.1): fuse every pruned token into its most similar reserved token (its host).
 
-    R'_j = (w0 R_j + sum_{i in Q_j} exp(S_ij) P_i) / (w0 + sum_{i in Q_j} exp(S_ij)), with S the cosine
-    similarity over temperature and w0 = exp(1 / temperature), the host's self-similarity (e for tau = 1;
-    the temperature scaling of w0 is inferred). Exact ties add a pruned token to every tied host, as the
+    R'_j = (e R_j + sum_{i in Q_j} exp(S_ij) P_i) / (e + sum_{i in Q_j} exp(S_ij)), with S the cosine
+    similarity over temperature. The host's weight is e at every temperature, as in the official TPSModule
+    (its self-similarity taken as 1, untempered); ``host_weight`` exists only for tests of other forms.
+    ``similarity`` (B, Np, Nr), when given, replaces the cosine of the tokens for matching and weighting
+    (the TPS ablations of spec 11: another matching feature, or the previous attention map); the fusion
+    still averages the tokens themselves. Exact ties add a pruned token to every tied host, as the
     reference does. Returns the new reserved tokens (B, Nr, C) and the fusion weights (B, Nr, Np), which
     are exp(S) for a (host, pruned) pair and 0 elsewhere.
     """
-    sim = cosine_similarity(pruned, reserved)  # (B, Np, Nr), a fresh tensor: safe to update in place
+    fresh = similarity is None or temperature != 1.0  # a tensor made here may be updated in place
+    sim = cosine_similarity(pruned, reserved) if similarity is None else similarity  # (B, Np, Nr)
     if temperature != 1.0:
         sim = sim / temperature
-    weight = sim.masked_fill_(sim < sim.amax(dim=-1, keepdim=True), -math.inf).exp_().transpose(1, 2)
-    w0 = math.exp(1.0 / temperature)
-    num = torch.baddbmm(reserved.to(weight.dtype), weight, pruned.to(weight.dtype), beta=w0)  # w0 R + W P
-    den = weight.sum(dim=-1, keepdim=True) + w0
+    not_host = sim < sim.amax(dim=-1, keepdim=True)
+    sim = sim.masked_fill_(not_host, -math.inf) if fresh else sim.masked_fill(not_host, -math.inf)
+    weight = sim.exp_().transpose(1, 2)
+    num = torch.baddbmm(reserved.to(weight.dtype), weight, pruned.to(weight.dtype), beta=host_weight)  # eR + W P
+    den = weight.sum(dim=-1, keepdim=True) + host_weight
     return (num / den).to(reserved.dtype), weight
 
 
-def squeeze_masked(x: Tensor, keep: Tensor, prune: Tensor, temperature: float = 1.0) -> Tensor:
+def squeeze_masked(x: Tensor, keep: Tensor, prune: Tensor, temperature: float = 1.0,
+                   similarity: Tensor | None = None, host_weight: float = math.e) -> Tensor:
     """Training form of the squeeze on a fixed-length tensor (dTPS, spec 3.2).
 
     x (B, N, C) spatial tokens; keep and prune (B, N) are the stage's hard decisions (straight-through,
     so they carry gradients). Pruned-at-this-stage rows pick their host among kept columns; earlier-pruned
-    tokens are neither hosts nor squeezed. Non-host rows are returned unchanged.
+    tokens are neither hosts nor squeezed. Non-host rows are returned unchanged. ``similarity`` (B, N, N)
+    replaces the cosine of x as in `squeeze`.
+
+    The weights are built as exp(M * S) * M with M = host mask * prune, as the official training code
+    does, not as M * exp(S): the forward values are the same (M is 0 or 1), but the gradient that reaches
+    the predictor through the straight-through M differs. Per (row, host) pair it is exp(S) (1 + S) on a
+    pruned row and 1 on any other row (M * exp(S) gives exp(S) on both), and the published dTPS models
+    were trained with the official gradient.
     """
     n = x.shape[1]
-    sim = cosine_similarity(x, x) / temperature
+    sim = cosine_similarity(x, x) if similarity is None else similarity
+    if temperature != 1.0:
+        sim = sim / temperature
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
     sim = sim.masked_fill(eye | (keep < 0.5).unsqueeze(1), -100.0)
-    host = (sim == sim.amax(dim=-1, keepdim=True)).to(x.dtype) * prune.unsqueeze(-1)
-    weight = (host * sim.exp()).transpose(1, 2)  # (B, N hosts, N pruned)
-    w0 = math.exp(1.0 / temperature)
-    return (w0 * x + weight @ x) / (w0 + weight.sum(dim=-1, keepdim=True))
+    mask = (sim == sim.amax(dim=-1, keepdim=True)).to(x.dtype) * prune.unsqueeze(-1)  # (B, N pruned, N hosts)
+    weight = ((mask * sim).exp() * mask).transpose(1, 2)  # (B, N hosts, N pruned)
+    return (host_weight * x + weight @ x) / (host_weight + weight.sum(dim=-1, keepdim=True))
 
 
 # ----------------------------------------------------------------------------- EViT
@@ -146,6 +163,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: flo
     policy (B, N) is 1 for live tokens; a dropped token still attends to itself (G_ii = 1) and nobody
     attends to it. Returns (B, H, N, d).
     """
+    return masked_attention_probs(q, k, policy, scale, eps).to(v.dtype) @ v
+
+
+def masked_attention_probs(q: Tensor, k: Tensor, policy: Tensor, scale: float, eps: float = 1e-6) -> Tensor:
+    """The attention probabilities of `masked_attention`, (B, H, N, N) in fp32."""
     n = q.shape[2]
     logits = ((q * scale) @ k.transpose(-2, -1)).float()
     logits = logits - logits.amax(dim=-1, keepdim=True)
@@ -153,8 +175,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: flo
     eye = torch.eye(n, device=q.device, dtype=torch.float32)
     gate = p + (1.0 - p) * eye
     e = logits.exp() * gate
-    attn = (e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)
-    return attn.to(v.dtype) @ v
+    return (e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
 def ratio_loss_terms(decisions: list[Tensor], targets: list[float]) -> Tensor:
@@ -164,9 +185,27 @@ def ratio_loss_terms(decisions: list[Tensor], targets: list[float]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- similarity pruning
-def redundancy(features: Tensor) -> Tensor:
-    """Mean cosine similarity of each token to every other token, (B, N, C) -> (B, N)."""
-    sim = cosine_similarity(features, features)
+def pairwise_similarity(features: Tensor, metric: str = "cosine") -> Tensor:
+    """Pairwise similarity of tokens (B, N, C) -> (B, N, N) for similarity pruning (spec 12).
+
+    cosine (the preprint's default); euclidean: minus the L2 distance, via |a|^2 + |b|^2 - 2 a.b (one
+    matmul plus one squared norm, exportable, unlike cdist); dot: the raw inner product, which favours
+    high-norm tokens.
+    """
+    if metric == "cosine":
+        return cosine_similarity(features, features)
+    if metric == "dot":
+        return features @ features.transpose(-2, -1)
+    if metric == "euclidean":
+        sq = (features * features).sum(dim=-1)
+        d2 = torch.baddbmm(sq.unsqueeze(1), features, features.transpose(-2, -1), alpha=-2.0) + sq.unsqueeze(-1)
+        return -d2.clamp_min(0.0).sqrt()
+    raise ValueError(f"similarity_metric: {metric!r}; allowed: {', '.join(SIMILARITY_METRICS)}")
+
+
+def redundancy(features: Tensor, metric: str = "cosine") -> Tensor:
+    """Mean similarity of each token to every other token, (B, N, C) -> (B, N) (`pairwise_similarity`)."""
+    sim = pairwise_similarity(features, metric)
     n = features.shape[1]
     return (sim.sum(dim=-1) - sim.diagonal(dim1=-2, dim2=-1)) / max(n - 1, 1)
 
@@ -222,7 +261,8 @@ def attention_rollout(attentions: list[Tensor], num_prefix: int = 1) -> Tensor:
 
 # ----------------------------------------------------------------------------- ToMe
 class MergePlan(NamedTuple):
-    """Bipartite matching result: A-token indices left unmerged, merged sources and their destinations."""
+    """Bipartite matching result over the non-prefix tokens: A-token indices left unmerged, merged sources and
+    their destinations (indices into the A and B sets of `merge_sets`), and the number of prefix tokens."""
 
     unm_idx: Tensor  # (B, Na - r, 1)
     src_idx: Tensor  # (B, r, 1)
@@ -230,43 +270,53 @@ class MergePlan(NamedTuple):
     num_protected: int
 
 
+def merge_sets(num_prefix: int) -> tuple[int, int]:
+    """First index of the A set and of the B set: the even and the odd sequence positions after the prefix.
+
+    Splitting by the parity of the position in the whole sequence (not in the non-prefix part) keeps ToMe's
+    own split for one class token (A = 2, 4, ...; B = 1, 3, ...) and for a class + distillation token, so
+    those models merge exactly as before; any number of prefix tokens (registers) stays out of the matching.
+    """
+    a_start = num_prefix + num_prefix % 2
+    return a_start, 2 * num_prefix + 1 - a_start
+
+
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 1) -> MergePlan:
     """ToMe matching (spec 4.2): alternate A/B split, each A token's best cosine match in B, top-r edges.
 
-    The class token (A[0]) is never a source; a distillation token (B[0]) is never a destination.
+    The first ``num_protected`` tokens (class, distillation and register tokens: every prefix token) take
+    no part in the matching: they are never a source or a destination, and `merge_apply` puts them back in
+    front, in place. ``r`` must not exceed the A set (half of the non-prefix tokens, rounded down).
     """
+    a_start, b_start = merge_sets(num_protected)
     metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
+    a, b = metric[:, a_start::2], metric[:, b_start::2]
     scores = a @ b.transpose(-1, -2)
-    if num_protected >= 1:
-        scores[:, 0, :] = -math.inf
-    if num_protected >= 2:
-        scores[:, :, 0] = -math.inf
     node_max, node_idx = scores.max(dim=-1)
     edge_idx = descending_order(node_max)[..., None]
     unm_idx = edge_idx[:, r:]
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx[..., None].gather(1, src_idx)
     if num_protected:
-        unm_idx = ascending_indices(unm_idx, dim=1)  # keep the class token first
+        unm_idx = ascending_indices(unm_idx, dim=1)  # unmerged tokens in sequence order after the prefix
     return MergePlan(unm_idx, src_idx, dst_idx, num_protected)
 
 
 def merge_apply(plan: MergePlan, x: Tensor, reduce: str | None = "sum") -> Tensor:
-    """Apply a merge plan to (B, N, C): [unmerged A, B with sources scatter-reduced in].
+    """Apply a merge plan to (B, N, C): [prefix tokens, unmerged A, B with sources scatter-reduced in].
 
-    ``reduce=None`` moves tokens without combining (for index bookkeeping). With a distillation token the
-    order is [cls, dist, rest of A, rest of B], so prefix tokens stay in front.
+    ``reduce=None`` moves tokens without combining (for index bookkeeping). The prefix tokens come back
+    unchanged at their own positions.
     """
-    a, b = x[:, ::2], x[:, 1::2]
+    p = plan.num_protected
+    a_start, b_start = merge_sets(p)
+    a, b = x[:, a_start::2], x[:, b_start::2]
     c = x.shape[-1]
     unm = a.gather(1, plan.unm_idx.expand(-1, -1, c))
     if reduce is not None:
         src = a.gather(1, plan.src_idx.expand(-1, -1, c))
         b = b.scatter_reduce(1, plan.dst_idx.expand(-1, -1, c), src, reduce=reduce)
-    if plan.num_protected >= 2:
-        return torch.cat([unm[:, :1], b[:, :1], unm[:, 1:], b[:, 1:]], dim=1)
-    return torch.cat([unm, b], dim=1)
+    return torch.cat([x[:, :p], unm, b], dim=1)
 
 
 def merge_wavg(plan: MergePlan, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,12 +20,14 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..manifest import Geometry
-from . import ops
-from .config import ReductionConfig, parse_json
+from . import merge_ops, ops
+from .config import SIZE_POLICIES, ReductionConfig, parse_json
+from .methods import RATIO_RULES
 from .modules import ReductionStage
-from .schedule import check_merge_r, token_schedule
+from .schedule import check_merge_r, pitome_margin, pitome_protects, tofu_merges, token_schedule
 
 Tensor = torch.Tensor
+METRIC_POLICIES = ("merge", "bipartite", "energy")  # ToMe, ToFu, PiToMe: the block's head-averaged keys
 
 
 @dataclass
@@ -64,6 +66,8 @@ class TokenState:
     rollout: Tensor | None = None  # rollout scores of the spatial tokens (B, M)
     embed: Tensor | None = None  # patch embeddings before the position embedding (B, M, C)
     grid_width: int = 0  # patches per row, for spatial positions
+    pos_table: Tensor | None = None  # position embedding of each patch (num_patches, C), squeeze_feature only
+    attention: Tensor | None = None  # head-mean attention over the spatial tokens (B, M, M), squeeze_similarity
     info: ReductionInfo = field(default_factory=ReductionInfo)
 
 
@@ -89,8 +93,11 @@ class TokenReductionMixin:
             state.embed = embed if embed.dim() == 3 else embed.flatten(1, 2)
         if cfg.spec is not None and cfg.spec.policy == "rollout":
             state.rollout = _rollout_scores(self, x)
+        if cfg.squeeze_feature != "full":
+            state.pos_table = patch_position_table(self)
+        keep_attention = _attention_blocks(self) if cfg.squeeze_similarity == "attention" else ()
         for i, blk in enumerate(self.blocks):
-            state = _run_block(blk, state, getattr(blk, "tps_stage", None), cfg, self.training)
+            state = _run_block(blk, state, getattr(blk, "tps_stage", None), cfg, self.training, i in keep_attention)
         if state.mask is not None:
             state.info.keep_mask = torch.cat([state.mask.new_ones(b, p), state.mask], dim=1)
         state.info.token_ids = state.ids
@@ -100,26 +107,52 @@ class TokenReductionMixin:
 
 
 # ----------------------------------------------------------------------------- per block
+def patch_position_table(model: VisionTransformer) -> Tensor:
+    """The position embedding of every patch, (num_patches, C), in patch order (TPS matching features)."""
+    start = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    return model.pos_embed[0, start:]
+
+
+def _attention_blocks(model: VisionTransformer) -> set[int]:
+    """Blocks whose attention map a squeeze matches on (squeeze_similarity 'attention'): the block before a
+    reduction between blocks, the reducing block itself for a reduction after attention."""
+    out = set()
+    for i, blk in enumerate(model.blocks):
+        stage = getattr(blk, "tps_stage", None)
+        if stage is not None and stage.treatment == "squeeze":
+            out.add(i - 1 if stage.placement == "inter" else i)
+    return out
+
+
 def _run_block(blk: Block, s: TokenState, stage: ReductionStage | None, cfg: ReductionConfig,
-               training: bool) -> TokenState:
+               training: bool, keep_attention: bool = False) -> TokenState:
     p = s.num_prefix
     if stage is not None and stage.placement == "inter":
         _reduce_inter(stage, s, cfg, training)
     need_cls = stage is not None and stage.policy == "cls_attn"
-    need_metric = stage is not None and stage.policy == "merge"
+    need_metric = stage is not None and stage.policy in METRIC_POLICIES
+    prop = s.size is not None and cfg.prop_attn and cfg.spec.policy in SIZE_POLICIES  # PiToMe: sizes, no bias
     n_attn = s.x.shape[1]
-    if not (need_cls or need_metric or s.size is not None or s.mask is not None):
+    if not (need_cls or need_metric or prop or s.mask is not None or keep_attention):
         x = blk(s.x)  # timm's own block: fused attention, nothing to collect
         s.info.token_counts.append((n_attn, x.shape[1]))
         s.x = x
         return s
     bias = None
-    if s.size is not None:  # ToMe proportional attention: + log(size) over the key axis
+    if prop:  # ToMe proportional attention: + log(size) over the key axis
         bias = s.size.log()[:, None, None, :, 0].to(s.x.dtype)
-    out, cls_scores, metric = _attention(blk.attn, blk.norm1(s.x), bias, need_cls, need_metric, s.mask, p)
+    maps: list[Tensor] | None = [] if keep_attention else None
+    out, cls_scores, metric = _attention(blk.attn, blk.norm1(s.x), bias, need_cls, need_metric, s.mask, p,
+                                         maps=maps)
+    if maps:
+        s.attention = maps[0][:, p:, p:]
     s.x = s.x + blk.drop_path1(blk.ls1(out))
     if need_cls:
         _reduce_select(stage, s, cls_scores, cfg)
+    elif stage is not None and stage.policy == "bipartite":
+        _tofu(stage, s, metric, cfg)
+    elif stage is not None and stage.policy == "energy":
+        _pitome(stage, s, metric)
     elif need_metric:
         _merge(stage, s, metric)
     s.info.token_counts.append((n_attn, s.x.shape[1]))
@@ -135,22 +168,35 @@ def _qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _attention(attn: Attention, x: Tensor, bias: Tensor | None, need_cls: bool, need_metric: bool,
-               mask: Tensor | None, num_prefix: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """timm Attention's math, also returning class-attention scores or ToMe's key metric when asked."""
+               mask: Tensor | None, num_prefix: int, *, maps: list[Tensor] | None = None
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """timm Attention's math, also returning class-attention scores or ToMe's key metric when asked.
+
+    ``maps``: a list to receive the head-averaged attention probabilities (B, N, N); the attention then runs
+    unfused (the same MACs) so that its map exists.
+    """
     b, n, c = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = _qkv(attn, x)
     if mask is not None:  # DynamicViT training: full attention matrix with the masked softmax
         policy = torch.cat([mask.new_ones(b, num_prefix), mask], dim=1)
-        out = ops.masked_attention(q, k, v, policy, attn.scale)
-    elif attn.fused_attn:
+        if maps is None:
+            out = ops.masked_attention(q, k, v, policy, attn.scale)
+        else:
+            a = ops.masked_attention_probs(q, k, policy, attn.scale)
+            maps.append(a.mean(dim=1))
+            out = a.to(v.dtype) @ v
+    elif attn.fused_attn and maps is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
         a = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             a = a + bias
-        out = attn.attn_drop(a.softmax(dim=-1)) @ v
+        a = a.softmax(dim=-1)
+        if maps is not None:
+            maps.append(a.mean(dim=1))
+        out = attn.attn_drop(a) @ v
     cls_scores = ops.class_attention(q, k, attn.scale, bias)[:, num_prefix:] if need_cls else None
     metric = k.mean(dim=1) if need_metric else None
     out = out.transpose(1, 2).reshape(b, n, attn.attn_dim)
@@ -172,7 +218,7 @@ def _reduce_inter(stage: ReductionStage, s: TokenState, cfg: ReductionConfig, tr
         scores = stage.predictor(spatial)[..., 0]
     elif stage.policy == "similarity":
         feats = s.embed if (s.embed is not None and stage.block_index == 0) else spatial
-        scores = -ops.redundancy(feats)
+        scores = -ops.redundancy(feats, cfg.similarity_metric)
     elif stage.policy == "rollout":
         scores = s.rollout
     elif stage.policy == "random":
@@ -194,7 +240,8 @@ def _reduce_select(stage: ReductionStage, s: TokenState, scores: Tensor, cfg: Re
     ids = ops.gather_tokens(s.ids[:, p:], keep)
     src = ops.gather_tokens(s.source[:, p:], keep) if s.source is not None else None
     if stage.treatment == "squeeze":
-        kept, weight = ops.squeeze(kept, ops.gather_tokens(spatial, rest), cfg.temperature)
+        kept, weight = ops.squeeze(kept, ops.gather_tokens(spatial, rest), cfg.temperature,
+                                   _squeeze_similarity(s, cfg, spatial, keep, rest))
         if src is not None:
             moved = (weight > 0).float() @ ops.gather_tokens(s.source[:, p:], rest)
             src = (src + moved).clamp_max(1.0)
@@ -223,11 +270,36 @@ def _predictor_train(stage: ReductionStage, s: TokenState, cfg: ReductionConfig)
     keep = ops.gumbel_keep(log_probs) * prev
     if stage.treatment == "squeeze":
         prune = (1.0 - keep) * prev
-        spatial = ops.squeeze_masked(spatial, keep, prune, cfg.temperature)
+        spatial = ops.squeeze_masked(spatial, keep, prune, cfg.temperature, _squeeze_similarity(s, cfg, spatial))
         s.x = torch.cat([s.x[:, :p], spatial], dim=1)
     s.info.decisions.append(keep)
     s.info.keep_targets.append(stage.target)
     s.mask = keep
+
+
+def _squeeze_similarity(s: TokenState, cfg: ReductionConfig, spatial: Tensor, keep: Tensor | None = None,
+                        rest: Tensor | None = None) -> Tensor | None:
+    """The squeeze's similarity when an ablation changes it (None: the cosine of the tokens, the default).
+
+    With ``keep``/``rest`` (B, K) and (B, M - K) indices: pruned x reserved (B, M - K, K), for the split form;
+    without them: all x all (B, M, M), for the masked training form. squeeze_similarity 'attention' reads the
+    attention map the previous attention step left in ``s.attention`` (and clears it); squeeze_feature matches
+    on x - p or p, p being the position embedding of each token's original patch (``s.ids``).
+    """
+    if cfg.squeeze_similarity == "attention":
+        a, s.attention = s.attention, None
+        if keep is None:
+            return a
+        rows = ops.gather_tokens(a, rest)  # (B, Np, M): the pruned tokens as queries
+        return rows.gather(2, keep.unsqueeze(1).expand(-1, rest.shape[1], -1))
+    if cfg.squeeze_feature == "full":
+        return None
+    p = s.num_prefix
+    pos = s.pos_table[(s.ids[:, p:] - p).clamp_min(0)].to(spatial.dtype)  # (B, M, C)
+    feats = spatial - pos if cfg.squeeze_feature == "content" else pos
+    if keep is None:
+        return ops.cosine_similarity(feats, feats)
+    return ops.cosine_similarity(ops.gather_tokens(feats, rest), ops.gather_tokens(feats, keep))
 
 
 def _merge(stage: ReductionStage, s: TokenState, metric: Tensor) -> None:
@@ -241,6 +313,61 @@ def _merge(stage: ReductionStage, s: TokenState, metric: Tensor) -> None:
     s.ids = ops.merge_apply(plan, s.ids.unsqueeze(-1), None)[..., 0]
     if s.source is not None:
         s.source = ops.merge_apply(plan, s.source, "amax")
+        s.info.stage_sources[stage.block_index] = s.source
+
+
+def _tofu(stage: ReductionStage, s: TokenState, metric: Tensor, cfg: ReductionConfig) -> None:
+    """ToFu (spec 9): ToMe's matching on the keys; the matched sources are dropped (``drop``, ToFu's early
+    blocks), squeezed into their most similar kept token (``squeeze``: ToFu + squeeze, early blocks only, with
+    the squeeze options) or MLERP-merged into their match (``mlerp``, the later blocks). No sizes: ToFu has no
+    proportional attention, and its merges are unweighted."""
+    p = s.num_prefix
+    r = min(stage.removed, (s.x.shape[1] - p) // 2)
+    if r <= 0:
+        return
+    plan = ops.bipartite_soft_matching(metric, r, p)
+    source = s.source
+    if stage.treatment == "mlerp":
+        x = merge_ops.mlerp_merge(plan, s.x, cfg.mlerp_dst_norm)
+        if source is not None:
+            source = ops.merge_apply(plan, source, "amax")
+    else:
+        x = ops.merge_apply(plan, s.x, None)  # the sources are gone
+        if source is not None:
+            source = ops.merge_apply(plan, source, None)
+        if stage.treatment == "squeeze":  # TPS's squeeze of the pruned tokens into the kept non-prefix ones
+            similarity = None
+            if cfg.squeeze_feature != "full" or cfg.squeeze_similarity != "cosine":
+                pos = torch.arange(s.x.shape[1], device=s.x.device).expand(s.x.shape[0], -1).unsqueeze(-1)
+                keep = ops.merge_apply(plan, pos, None)[:, p:, 0] - p  # spatial index of each kept token
+                rest = merge_ops.removed_tokens(plan, pos)[..., 0] - p
+                similarity = _squeeze_similarity(s, cfg, s.x[:, p:], keep, rest)
+            kept, weight = ops.squeeze(x[:, p:], merge_ops.removed_tokens(plan, s.x), cfg.temperature, similarity)
+            x = torch.cat([x[:, :p], kept], dim=1)
+            if source is not None:
+                moved = (weight > 0).float() @ merge_ops.removed_tokens(plan, s.source)
+                source = torch.cat([source[:, :p], (source[:, p:] + moved).clamp_max(1.0)], dim=1)
+    s.x = x
+    s.ids = ops.merge_apply(plan, s.ids.unsqueeze(-1), None)[..., 0]
+    if source is not None:
+        s.source = source
+        s.info.stage_sources[stage.block_index] = source
+
+
+def _pitome(stage: ReductionStage, s: TokenState, metric: Tensor) -> None:
+    """PiToMe (spec 10): energy-ordered matching on the keys (prefix tokens left out), isolated tokens protected
+    in the later blocks, size-weighted merge. The sizes only weight the merges: PiToMe's DeiT patch has no
+    proportional attention."""
+    p = s.num_prefix
+    r = min(stage.removed, (s.x.shape[1] - p) // 2)
+    if r <= 0:
+        return
+    plan = merge_ops.pitome_matching(metric, r, stage.margin, p, protect=stage.mode == "protect")
+    size = s.size if s.size is not None else s.x.new_ones(s.x.shape[0], s.x.shape[1], 1)
+    s.x, s.size = merge_ops.energy_wavg(plan, s.x, size)
+    s.ids = merge_ops.energy_apply(plan, s.ids.unsqueeze(-1), None)[..., 0]
+    if s.source is not None:
+        s.source = merge_ops.energy_apply(plan, s.source, "amax")
         s.info.stage_sources[stage.block_index] = s.source
 
 
@@ -326,6 +453,10 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
         if actual_name and actual_name != expected_backbone:
             warnings.warn(f"backbone: the config was exported for {expected_backbone}, the model is {actual_name}",
                           stacklevel=2)
+    if config.squeeze_feature != "full" and (getattr(model, "pos_embed", None) is None
+                                             or getattr(model, "dynamic_img_size", False)):
+        raise ValueError(f"squeeze_feature: {config.squeeze_feature!r} needs a learned position embedding of "
+                         "fixed size; this model has none (or resizes it per image); allowed here: 'full'")
     if isinstance(model, TokenReductionMixin):
         remove(model)
     spec = config.spec
@@ -338,6 +469,20 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
                     st = stages.get(i)
                     blk.tps_stage = ReductionStage(i, st.kept if st else 0, rs[i], model.embed_dim, num_patches,
                                                    "merge", "merge", "intra")
+        elif spec.count_rule in RATIO_RULES:  # ToFu, PiToMe: the blocks that remove tokens, with their mode
+            for st in sched.stages:
+                treatment = config.effective_treatment
+                if spec.policy == "bipartite":  # ToFu: MLERP after depth // 2; up to it, drop (its own) or squeeze
+                    if tofu_merges(st.block, depth):
+                        treatment = "mlerp"
+                    elif treatment == "mlerp":
+                        treatment = "drop"
+                stage = ReductionStage(st.block, st.kept, st.removed, model.embed_dim, num_patches, spec.policy,
+                                       treatment, spec.placement)
+                if spec.policy == "energy":
+                    stage.mode = "protect" if pitome_protects(st.block, depth) else "bipartite"
+                    stage.margin = pitome_margin(st.block, depth)
+                model.blocks[st.block].tps_stage = stage
         else:
             stages = {st.block: st for st in sched.stages}
             for j, i in enumerate(config.locations):

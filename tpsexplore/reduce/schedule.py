@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from .config import ReductionConfig
+from .methods import RATIO_RULES
 
 _EPS = 1e-6
 
@@ -18,7 +19,7 @@ class Stage:
     """One reduction step: at ``block``, ``before`` non-prefix tokens become ``after``.
 
     ``kept`` tokens are selected, ``removed`` tokens go (dropped, fused, squeezed or merged).
-    For ToMe, ``kept`` is the number of unmerged tokens and ``removed`` is r.
+    For ToMe, ToFu and PiToMe, ``kept`` is the number of unmerged tokens and ``removed`` is r.
     """
 
     block: int
@@ -72,6 +73,33 @@ def max_merge_r(num_patches: int) -> int:
     return num_patches // 2
 
 
+def ratio_merge_r(tokens: int, num_prefix: int, keep: float, count_prefix: bool) -> int:
+    """Tokens a ToFu/PiToMe block removes at keep ratio ``keep``: floor(n - n * keep) in float64, as both
+    codes compute it, with n all ``tokens`` (ToFu counts the class token, spec 9.2; ``count_prefix``) or the
+    non-prefix ones (PiToMe, spec 10.2); at most half of the non-prefix tokens (the matching's A set)."""
+    n = tokens if count_prefix else tokens - num_prefix
+    return max(0, min(math.floor(n - n * keep), (tokens - num_prefix) // 2))
+
+
+def tofu_merges(block: int, depth: int) -> bool:
+    """ToFu merges (MLERP) in blocks after depth // 2 and prunes up to it (spec 9.2 step 3: blocks 0-6 of 12)."""
+    return block > depth // 2
+
+
+def pitome_protects(block: int, depth: int) -> bool:
+    """PiToMe's DeiT patch (spec 10.2 step 5): blocks from ceil(depth / 2) on protect the T - 2r lowest-energy
+    tokens (``pitome``); the earlier ones run the energy-ordered bipartite matching (``pitome_bsm``)."""
+    return block >= math.ceil(depth / 2)
+
+
+PITOME_MARGIN = 0.75  # PiToMe's DeiT/MAE margin at block 0 (spec 10.2 step 7)
+
+
+def pitome_margin(block: int, depth: int) -> float:
+    """PiToMe's energy margin of a block: 0.75 - 0.75 * block / depth, falling with depth (spec 10.2 step 7)."""
+    return PITOME_MARGIN - PITOME_MARGIN * block / depth
+
+
 def check_merge_r(config: ReductionConfig, num_patches: int, depth: int) -> None:
     """Refuse a ToMe config whose r no block can merge, instead of clamping it without a word.
 
@@ -120,6 +148,15 @@ def token_schedule(config: ReductionConfig, num_patches: int = 196, num_prefix: 
                 stages.append(Stage(i, t - num_prefix, t - num_prefix - r, r, t - num_prefix - r))
             blocks.append((t, t - max(r, 0)))
             t -= max(r, 0)
+        return TokenSchedule(num_prefix, num_patches, tuple(blocks), tuple(stages))
+    if spec.count_rule in RATIO_RULES:  # ToFu, PiToMe: intra-block, r from each block's keep ratio
+        t = num_prefix + m
+        for i, keep in enumerate(config.block_keep_ratios(depth)):
+            r = ratio_merge_r(t, num_prefix, keep, count_prefix=spec.count_rule == "ratio")
+            if r > 0:
+                stages.append(Stage(i, t - num_prefix, t - num_prefix - r, r, t - num_prefix - r))
+            blocks.append((t, t - r))
+            t -= r
         return TokenSchedule(num_prefix, num_patches, tuple(blocks), tuple(stages))
 
     ratios = dict(zip(config.locations, config.stage_keep_ratios))

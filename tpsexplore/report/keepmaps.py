@@ -35,7 +35,8 @@ class StageMap:
     treatment: str
 
     def counts(self) -> dict[str, int]:
-        shared = {"squeeze": "squeezed", "fuse": "fused", "merge": "merged"}.get(self.treatment, "squeezed")
+        shared = {"squeeze": "squeezed", "fuse": "fused", "merge": "merged",
+                  "mlerp": "merged"}.get(self.treatment, "squeezed")
         names = {KEPT: "kept", HOST: "kept", SHARED: shared, DROPPED: "dropped"}
         out: dict[str, int] = {}
         for code, name in names.items():
@@ -97,7 +98,7 @@ def compute_keep_maps(model: torch.nn.Module, config: ReductionConfig | dict | s
     blocks = sorted(info.stage_sources)
     sources = {b: info.stage_sources[b].detach().cpu() for b in blocks}
     hosts: dict[int, torch.Tensor] = {}
-    if treatment == "squeeze" and config.spec is not None and config.spec.policy != "merge":
+    if treatment == "squeeze" and config.spec is not None and not config.spec.merges:
         # the host of each squeezed group: token ids of the model cut after that stage
         stage_index = {loc: j for j, loc in enumerate(config.locations)}
         for b in blocks:

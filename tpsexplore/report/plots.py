@@ -330,12 +330,13 @@ def plot_importance(importances: Mapping[str, Mapping[str, float]], *, title: st
 
 def treatment_groups(variants: Sequence[str]) -> dict[str, list[str]]:
     """Split variants into "TPS / squeeze" (pruned tokens squeezed into kept ones) and "pruning" (dropped or
-    fused away), the comparison of the TPS paper; ToMe (merging) and the baseline are left out."""
+    fused away), the comparison of the TPS paper; the merging family (ToMe, ToFu, PiToMe) and the baseline are
+    left out."""
     groups: dict[str, list[str]] = {"TPS / squeeze": [], "pruning (drop or fuse)": []}
     for v in variants:
         method, _, treatment = str(v).partition("+")
         spec = METHODS.get(method)
-        if spec is None or spec.policy == "merge":
+        if spec is None or spec.merges:
             continue
         t = treatment or spec.treatment
         groups["TPS / squeeze" if t == "squeeze" else "pruning (drop or fuse)"].append(str(v))

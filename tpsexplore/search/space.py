@@ -17,13 +17,20 @@ Parametrisation (every name has one fixed distribution for the whole study, so T
 * ToMe: ``r_inflection`` in [-1, 0.5] (ToMe's (r, alpha) schedule; -1 is the paper's decreasing schedule,
   strongly increasing ones leave the first blocks unmerged and rarely fit a budget) and ``fill``; r itself is
   the smallest integer whose analytic cost fits ``fill`` x budget.
-* options: ``temperature`` (squeeze treatments), ``sim_placement``/``sim_with_pos``/``diversity``
-  (similarity policy).
+* ToFu, PiToMe: ``fill`` only; one keep ratio for every block (as their papers run them), the largest in
+  [0.5, 1] at three decimals whose analytic cost fits ``fill`` x budget; ToFu also samples ``mlerp_dst_norm``
+  (the re-implementation's MLERP) and, as ``tofu+squeeze``, the squeeze options of its pruning blocks.
+* options: ``temperature`` and ``squeeze_match`` (squeeze treatments: the matching of TPS Tables 4-5, one of
+  full / content / position / attention, see `SQUEEZE_MATCHES`), ``sim_placement``/``sim_with_pos``/
+  ``diversity``/``similarity_metric`` (similarity policy), ``prop_attn`` (ToMe's proportional attention).
 
 Grid mode (``SpaceSettings.grid_locations``, the TPS paper study): ``locations`` is a categorical over the
 given location sets and ``keep`` over the given keep ratios (one ratio for every stage, as in the papers);
-variants that cannot express the locations (ToMe; similarity placed before block 0) are matched to the
-analytic cost of eTPS at that (locations, keep) point.
+variants that cannot express the locations (ToMe, ToFu, PiToMe; similarity placed before block 0) are matched
+to the analytic cost of eTPS at that (locations, keep) point. ``grid_options`` (the ablation studies) adds one grid
+axis per listed `ReductionConfig` option (`GRID_OPTIONS`, e.g. squeeze_feature = [full, content, position]),
+named as the config field; an option is set only on the variants it applies to (the others run at its
+default, so list only methods the ablation is about).
 
 The budget is checked with the analytic count only (`tpsexplore.measure.flops.analytic_macs`, about
 0.05 ms); no model is built for a sample.
@@ -35,14 +42,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..measure.flops import ViTGeometry, analytic_macs, analytic_params
-from ..reduce.config import ReductionConfig
-from ..reduce.methods import METHODS, MethodSpec, get_method
+from ..reduce.config import SIMILARITY_METRICS, SIZE_POLICIES, ReductionConfig
+from ..reduce.methods import METHODS, RATIO_RULES, MethodSpec, get_method
 
 PAPER_LOCATIONS = ((3, 6, 9),)
 PAPER_KEEP = 0.7
 PAPER_TOME_R = 13
 PAPER_DEPTH = 12
 PAPER_PATCHES = 196
+#: sampled ``squeeze_match`` -> (squeeze_feature, squeeze_similarity): TPS Tables 4 and 5 in one categorical
+SQUEEZE_MATCHES = {"full": ("full", "cosine"), "content": ("content", "cosine"),
+                   "position": ("position", "cosine"), "attention": ("full", "attention")}
+#: `ReductionConfig` options a grid study may list in ``[space.grid_options]``
+GRID_OPTIONS = ("squeeze_feature", "squeeze_similarity", "similarity_metric", "similarity_placement", "prop_attn",
+                "temperature", "seed")
 
 
 # ----------------------------------------------------------------------------- variants
@@ -133,8 +146,13 @@ class SpaceSettings:
     sample_options: bool = True
     grid_locations: tuple[tuple[int, ...], ...] = ()
     grid_keep_ratios: tuple[float, ...] = ()
+    grid_options: dict[str, tuple[Any, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.grid_options, dict):
+            raise ValueError(f"space.grid_options: {self.grid_options!r} is not a table of option = [values]")
+        object.__setattr__(self, "grid_options", {str(k): tuple(v) if isinstance(v, (list, tuple)) else v
+                                                  for k, v in self.grid_options.items()})
         object.__setattr__(self, "keep_range", tuple(float(v) for v in self.keep_range))
         object.__setattr__(self, "temperature_range", tuple(float(v) for v in self.temperature_range))
         object.__setattr__(self, "grid_locations", tuple(tuple(int(x) for x in locs) for locs in self.grid_locations))
@@ -169,6 +187,23 @@ class SpaceSettings:
         for k in self.grid_keep_ratios:
             if not 0.0 < k <= 1.0:
                 raise ValueError(f"space.grid_keep_ratios: {k} is outside (0, 1]")
+        if self.grid_options and not self.grid_locations:
+            raise ValueError("space.grid_options: needs grid mode (grid_locations and grid_keep_ratios)")
+        for name, values in self.grid_options.items():
+            if name not in GRID_OPTIONS:
+                raise ValueError(f"space.grid_options.{name}: unknown option; allowed: {', '.join(GRID_OPTIONS)}")
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(f"space.grid_options.{name}: {values!r} is not a non-empty list of values")
+            for v in values:
+                try:
+                    ReductionConfig(**{name: v})
+                except ValueError as e:
+                    if str(e).startswith(f"{name}: ") and "applies only" not in str(e):
+                        raise ValueError(f"space.grid_options.{e}") from None
+        features = set(self.grid_options.get("squeeze_feature", ())) - {"full"}
+        if features and "attention" in self.grid_options.get("squeeze_similarity", ()):
+            raise ValueError("space.grid_options.squeeze_feature: the attention similarity takes no matching feature; "
+                             "list squeeze_feature or squeeze_similarity, not both")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +211,9 @@ class SpaceSettings:
                 "temperature_range": list(self.temperature_range), "diversity_max": self.diversity_max,
                 "gap_max": self.gap_max, "sample_options": self.sample_options,
                 "grid_locations": [list(x) for x in self.grid_locations],
-                "grid_keep_ratios": list(self.grid_keep_ratios)}
+                "grid_keep_ratios": list(self.grid_keep_ratios),
+                **({"grid_options": {k: list(v) for k, v in self.grid_options.items()}} if self.grid_options
+                   else {})}
 
 
 @dataclass(frozen=True)
@@ -277,7 +314,9 @@ class SearchSpace:
 
     def _exclusion(self, v: Variant) -> str:
         """Why ``v`` can never meet the budget ('' if it can); also fills first_max for keep-ratio variants."""
-        if v.spec.policy == "merge":
+        if v.spec.count_rule in RATIO_RULES:
+            cheapest = self.cost(self._config(v, (), (0.5,), {}))
+        elif v.spec.policy == "merge":
             cheapest = self.cost(ReductionConfig("tome", r=2 * self.geometry.num_patches, r_inflection=-1.0))
         else:
             best = -1
@@ -299,15 +338,25 @@ class SearchSpace:
     # ------------------------------------------------------------------ config building
     def _config(self, v: Variant, locations: tuple[int, ...], keeps: tuple[float, ...],
                 options: dict[str, Any]) -> ReductionConfig:
-        kw: dict[str, Any] = {"method": v.method, "treatment": v.treatment, "seed": self.seed}
+        kw: dict[str, Any] = {"method": v.method, "treatment": v.treatment, "seed": int(options.get("seed", self.seed))}
         if v.spec.policy == "similarity":
             placement = "pre" if tuple(locations) == (0,) and options.get("sim_placement", "pre") == "pre" \
                 else "layerwise"
             kw.update(similarity_placement=placement,
                       similarity_with_pos=bool(options.get("sim_with_pos", False)),
-                      diversity=float(options.get("diversity", 0.0)))
-        if v.effective_treatment == "squeeze" and "temperature" in options:
-            kw["temperature"] = float(options["temperature"])
+                      diversity=float(options.get("diversity", 0.0)),
+                      similarity_metric=str(options.get("similarity_metric", "cosine")))
+        if v.effective_treatment == "squeeze":
+            if "temperature" in options:
+                kw["temperature"] = float(options["temperature"])
+            feature, similarity = SQUEEZE_MATCHES[options.get("squeeze_match", "full")]
+            feature = str(options.get("squeeze_feature", feature))
+            similarity = str(options.get("squeeze_similarity", similarity))
+            if similarity == "attention" and v.spec.placement == "inter" and 0 in locations:
+                similarity = "cosine"  # no attention map before block 0: the published cosine instead
+            kw.update(squeeze_feature=feature, squeeze_similarity=similarity)
+        if v.spec.policy == "bipartite":
+            kw["mlerp_dst_norm"] = bool(options.get("mlerp_dst_norm", False))
         return ReductionConfig(locations=tuple(locations), keep_ratios=tuple(keeps), **kw)
 
     def _scaled_keeps(self, v: Variant, locations: tuple[int, ...], raw: tuple[float, ...],
@@ -340,10 +389,36 @@ class SearchSpace:
                 lo_e = mid
         return cfg_hi, cost_hi, f"raw keep ratios raised to power {2.0 ** hi_e:.3g} to fit the target"
 
-    def _tome_config(self, inflection: float, target: float) -> tuple[ReductionConfig, float, str]:
+    def _ratio_config(self, v: Variant, options: dict[str, Any], target: float) -> tuple[ReductionConfig, float, str]:
+        """ToFu/PiToMe: the largest keep ratio (every block, three decimals, in [0.5, 1]) whose cost fits ``target``."""
+        def build(k: int) -> ReductionConfig:
+            return self._config(v, (), (k / 1000.0,), options)
+
+        lo, hi = 500, 1000
+        cheapest = self.cost(build(lo))
+        if target < cheapest <= self.budget_gmacs:  # the fill target is out of reach: fill the budget
+            target = self.budget_gmacs
+        if cheapest > target:
+            return build(lo), cheapest, "keep 0.5 in every block: the target is below this method's minimum"
+        if self.cost(build(hi)) <= target:
+            return build(hi), self.cost(build(hi)), "keep 1: the target allows the unreduced model"
+        while hi - lo > 1:  # invariant: cost(lo) <= target < cost(hi)
+            mid = (lo + hi) // 2
+            if self.cost(build(mid)) <= target:
+                lo = mid
+            else:
+                hi = mid
+        cfg = build(lo)
+        return cfg, self.cost(cfg), f"keep {lo / 1000:g} in every block: the largest fitting the target"
+
+    def _tome_config(self, inflection: float, target: float, options: dict[str, Any] | None = None
+                     ) -> tuple[ReductionConfig, float, str]:
         """The smallest r (ToMe, every block) whose analytic cost fits ``target``."""
+        options = options or {}
+        seed, prop = int(options.get("seed", self.seed)), bool(options.get("prop_attn", True))
+
         def build(r: int) -> ReductionConfig:
-            return ReductionConfig("tome", r=r, r_inflection=inflection, seed=self.seed)
+            return ReductionConfig("tome", r=r, r_inflection=inflection, seed=seed, prop_attn=prop)
 
         lo, hi = 0, max(1, 2 * self.geometry.num_patches)  # 2x: with an inflection the first blocks get less
         if self.cost(build(hi)) > target and target < self.budget_gmacs and \
@@ -381,7 +456,10 @@ class SearchSpace:
         target = fill * self.budget_gmacs
         if v.spec.policy == "merge":
             alpha = round(trial.suggest_float("r_inflection", -1.0, 0.5), 2)
-            cfg, cost, note = self._tome_config(alpha, target)
+            cfg, cost, note = self._tome_config(alpha, target, options)
+            return self.candidate(cfg, key, target, note)
+        if v.spec.count_rule in RATIO_RULES:
+            cfg, cost, note = self._ratio_config(v, options, target)
             return self.candidate(cfg, key, target, note)
         if v.spec.policy == "similarity" and options.get("sim_placement") == "pre":
             locations: tuple[int, ...] = (0,)
@@ -406,8 +484,19 @@ class SearchSpace:
                 opts["sim_with_pos"] = trial.suggest_categorical("sim_with_pos", [False, True])
                 if s.diversity_max > 0:
                     opts["diversity"] = round(trial.suggest_float("diversity", 0.0, s.diversity_max), 3)
+                opts["similarity_metric"] = trial.suggest_categorical("similarity_metric", list(SIMILARITY_METRICS))
         if v.effective_treatment == "squeeze" and s.sample_options and s.temperature_range[0] < s.temperature_range[1]:
             opts["temperature"] = round(trial.suggest_float("temperature", *s.temperature_range, log=True), 3)
+        if v.effective_treatment == "squeeze" and s.sample_options:
+            opts["squeeze_match"] = trial.suggest_categorical("squeeze_match", list(SQUEEZE_MATCHES))
+        if v.spec.policy in SIZE_POLICIES and s.sample_options:
+            opts["prop_attn"] = trial.suggest_categorical("prop_attn", [True, False])
+        if v.spec.policy == "bipartite" and s.sample_options:
+            opts["mlerp_dst_norm"] = trial.suggest_categorical("mlerp_dst_norm", [False, True])
+        if s.grid:
+            for name, values in s.grid_options.items():
+                value = trial.suggest_categorical(name, list(values))
+                opts["sim_placement" if name == "similarity_placement" else name] = value
         return opts
 
     def _suggest_grid(self, trial: Any, v: Variant, options: dict[str, Any]) -> Candidate:
@@ -416,9 +505,12 @@ class SearchSpace:
         locations = tuple(int(x) for x in locs_text.split(","))
         reference = self.cost(ReductionConfig("etps", locations, (keep,)))
         if v.spec.policy == "merge":
-            cfg, _, note = self._tome_config(0.0, reference)
+            cfg, _, note = self._tome_config(0.0, reference, options)
             return self.candidate(cfg, v.key, reference, f"{note} (matched to etps k{keep:g}@{locs_text})")
-        if v.spec.policy == "similarity" and options.get("sim_placement") == "pre":
+        if v.spec.count_rule in RATIO_RULES:
+            cfg, _, note = self._ratio_config(v, options, reference)
+            return self.candidate(cfg, v.key, reference, f"{note} (matched to etps k{keep:g}@{locs_text})")
+        if v.spec.policy == "similarity" and options.get("sim_placement") == "pre" and locations != (0,):
             cfg, _, note = self._scaled_keeps(v, (0,), (keep,), options, reference)
             return self.candidate(cfg, v.key, reference, f"{note} (matched to etps k{keep:g}@{locs_text})")
         return self.candidate(self._config(v, locations, (keep,), options), v.key, None, "paper grid point")
@@ -447,14 +539,16 @@ class SearchSpace:
 
         keep 0.7 at [3, 6, 9] (DynamicViT, dTPS, EViT, eTPS, Top-K), ToMe r=13 (its r follows from the
         budget), similarity / random / rollout pruning 30% before block 0 (the similarity paper's setting).
-        Combinations (``+treatment``) are not enqueued: they have no published default.
+        Combinations (``+treatment``) are not enqueued: they have no published default; nor are ToFu and
+        PiToMe, whose DeiT operating points could not be read (spec 9.3, 10: only an evaluation sweep of
+        keep 0.9-0.975 per block); the sampler explores them from the start.
         """
         out = []
         scale = self.depth / PAPER_DEPTH
         first = max(0, int(round(3 * scale)))
         gap = max(1, min(self.gap_max, int(round(3 * scale))))
         for v in self.variants:
-            if not v.is_named:
+            if not v.is_named or v.spec.count_rule in RATIO_RULES:
                 continue
             p: dict[str, Any] = {"method": v.key}
             if v.spec.policy == "similarity":
@@ -467,6 +561,13 @@ class SearchSpace:
                     self.settings.temperature_range[0] < self.settings.temperature_range[1]:
                 lo, hi = self.settings.temperature_range
                 p["temperature"] = min(hi, max(lo, 1.0))
+            if self.settings.sample_options:  # the ablation options at their published defaults
+                if v.effective_treatment == "squeeze":
+                    p["squeeze_match"] = "full"
+                if v.spec.policy == "similarity":
+                    p["similarity_metric"] = "cosine"
+                if v.spec.policy in SIZE_POLICIES:
+                    p["prop_attn"] = True
             if self.settings.grid:
                 locs = ",".join(str(x) for x in PAPER_LOCATIONS[0])
                 p["locations"] = locs if locs in self.grid_locations else self.grid_locations[0]
@@ -530,7 +631,8 @@ class SearchSpace:
         if not self.settings.grid or self.settings.sample_options:
             return None
         return {"method": [v.key for v in self.variants], "locations": list(self.grid_locations),
-                "keep": list(self.settings.grid_keep_ratios)}
+                "keep": list(self.settings.grid_keep_ratios),
+                **{name: list(values) for name, values in self.settings.grid_options.items()}}
 
     def describe(self) -> dict[str, Any]:
         """JSON summary for study.json."""
