@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, QuickGELU, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._registry import create, image_cfg
 
 __all__ = ["CVT_13", "CVT_21", "ConvolutionalVisionTransformer", "CvTConfig", "official_shapes"]
 
@@ -327,25 +328,14 @@ def official_shapes(config: CvTConfig = CVT_13, in_chans: int = 3, num_classes: 
 
 # ----------------------------------------------------------------------------- timm registry
 def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "stage0.patch_embed.proj", "classifier": "head", "license": "mit", **kwargs}
+    return image_cfg("stage0.patch_embed.proj", "mit", 0.875, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({"cvt_13": _cfg(), "cvt_21": _cfg()})
 
 
 def _create(variant: str, config: CvTConfig, pretrained: bool, **kwargs) -> ConvolutionalVisionTransformer:
-    if pretrained:
-        raise ValueError(f"pretrained: no hub weights for {variant}; load the official checkpoint with "
-                         "tpsexplore.backbones.create_backbone(name, checkpoint=PATH)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm.create_model's own
-        kwargs.pop(key, None)
-    model = ConvolutionalVisionTransformer(config, **kwargs)
-    cfg = default_cfgs[variant].default.to_dict()
-    cfg.update(architecture=variant, num_classes=model.num_classes, input_size=(model.in_chans, *model.img_size))
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    return create(variant, ConvolutionalVisionTransformer, config, default_cfgs, pretrained, **kwargs)
 
 
 @register_model

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._registry import create, image_cfg
 
 __all__ = ["PVTConfig", "PVT_SMALL", "PVT_TINY", "PyramidVisionTransformerV1", "official_shapes"]
 
@@ -290,25 +291,17 @@ def official_shapes(config: PVTConfig = PVT_SMALL, img_size: int = 224, in_chans
 
 # ----------------------------------------------------------------------------- timm registry
 def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "first_conv": "patch_embed1.proj", "classifier": "head", "license": "apache-2.0", **kwargs}
+    return image_cfg("patch_embed1.proj", "apache-2.0", 0.9, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({"pvt_v1_tiny": _cfg(), "pvt_v1_small": _cfg()})
 
 
+#: patch_size is not a [model] override here: the 4x4 first embedding is the model's (a proxy's ViT
+#: patch_size does not apply)
 def _create(variant: str, config: PVTConfig, pretrained: bool, **kwargs) -> PyramidVisionTransformerV1:
-    if pretrained:
-        raise ValueError(f"pretrained: no hub weights for {variant}; load the official checkpoint with "
-                         "tpsexplore.backbones.create_backbone(name, checkpoint=PATH)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm.create_model's own
-        kwargs.pop(key, None)
-    model = PyramidVisionTransformerV1(config, **kwargs)
-    cfg = default_cfgs[variant].default.to_dict()
-    cfg.update(architecture=variant, num_classes=model.num_classes, input_size=(model.in_chans, *model.img_size))
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    return create(variant, PyramidVisionTransformerV1, config, default_cfgs, pretrained,
+                  exclude=frozenset({"patch_size"}), **kwargs)
 
 
 @register_model
