@@ -322,6 +322,14 @@ def open_storage(settings: SearchSettings, create: bool = True) -> optuna.storag
                          f"{' '.join(str(e).split())[:300]}") from None
 
 
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler without its stop on the last grid point: that `Study.stop` works only inside
+    `Study.optimize` and raises from the search's ask/tell loop, which counts its own trials."""
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
+        return None
+
+
 def make_sampler(settings: SearchSettings, salt: int = 0, grid: dict[str, list[Any]] | None = None
                  ) -> optuna.samplers.BaseSampler:
     """Multivariate TPE with group decomposition and constant liar (default).
@@ -344,7 +352,7 @@ def make_sampler(settings: SearchSettings, salt: int = 0, grid: dict[str, list[A
             if not grid:
                 raise ValueError("sampler.name: 'grid' needs a grid space ([space] grid_locations, grid_keep_ratios "
                                  "and sample_options = false)")
-            return optuna.samplers.GridSampler(grid, seed=seed)
+            return AskTellGridSampler(grid, seed=seed)
         if s.name == "nsga2":
             return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=seed)
         if s.name == "gp":  # models only the params every completed trial has (Optuna's intersection space)
