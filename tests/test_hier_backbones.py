@@ -164,7 +164,7 @@ def test_short_names_and_refusals():
     for name in ("pvt_v1_tiny", "pvt_v1_small", "cvt_13", "cvt_21"):  # registered, and none of timm's own
         assert timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("tpsexplore.")
     with pytest.raises(ValueError, match=r"^backbone: 'swin_t' \(swin_tiny_patch4_window7_224\) is a hierarchical"):
-        vit_name("swin_t")  # token reduction still takes ViTs only
+        vit_name("swin_t")  # the ViT-only paths (profile, the ViT count)
     with pytest.raises(WeightsUnavailableError, match=r"^backbone: no pretrained weights for 'cvt_13'.*checkpoint"):
         create_backbone("cvt_13")
     with pytest.raises(ValueError, match=r"^backbone: pvt_v1_tiny does not take \['patch_size'"):
@@ -172,8 +172,8 @@ def test_short_names_and_refusals():
     model = create_backbone("pvt_t", weights="random", **SMALL)
     from tpsexplore.reduce import ReductionConfig, apply
 
-    with pytest.raises(ValueError, match=r"^model: "):
-        apply(model, ReductionConfig("topk", (1,), (0.7,)))
+    with pytest.raises(ValueError, match=r"^locations: block 1 lies in a stage that keeps the token grid"):
+        apply(model, ReductionConfig("topk", (1,), (0.7,)))  # PVT v1 reduces (part 2); Top-K in its last stage only
     v2 = create_backbone("pvt_v2_b1", weights="random", **SMALL)
     assert v2.pretrained_cfg["input_size"] == (3, 64, 64)
 

@@ -18,7 +18,7 @@ SHORT_NAMES = {
     "vit_b16": "vit_base_patch16_224",
 }
 #: Hierarchical backbones (issue 13): Swin-T and PVT v2 from timm, PVT v1 and CvT from tpsexplore.models.
-#: They build and are counted; token reduction (`apply`) still takes ViTs only.
+#: They build and are counted; token reduction (`apply`) and the search take PVT v1 and CvT (issue 13 part 2).
 HIER_SHORT_NAMES = {
     "swin_t": "swin_tiny_patch4_window7_224",
     "pvt_v2_b1": "pvt_v2_b1",
@@ -128,7 +128,8 @@ def vit_name(name: str) -> str:
     timm_name, model = _meta_model(name)
     if is_hierarchical(model):
         raise ValueError(f"backbone: {name!r} ({timm_name}) is a hierarchical {type(model).__name__}: it builds "
-                         "and is counted, but token reduction takes timm VisionTransformers only for now; allowed: "
+                         "and is counted, but this takes timm VisionTransformers (token reduction and the search also "
+                         "take pvt_t, pvt_s, cvt_13 and cvt_21; Swin and PVT v2 are only built and counted); allowed: "
                          f"{', '.join(SHORT_NAMES)} or any timm VisionTransformer name")
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"backbone: {name!r} builds a {type(model).__name__}, not a timm "

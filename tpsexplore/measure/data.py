@@ -262,9 +262,18 @@ def split_warnings(train_s: list[tuple[str, int]], val_s: list[tuple[str, int]],
 
 
 # ----------------------------------------------------------------------------- proxy task
-def proxy_model_kwargs(img_size: int = PROXY_IMG_SIZE, patch_size: int = PROXY_PATCH_SIZE) -> dict[str, int]:
-    """timm overrides that build a backbone for the proxy task (its width and depth are kept)."""
-    return {"img_size": img_size, "patch_size": patch_size, "num_classes": PROXY_NUM_CLASSES}
+def proxy_model_kwargs(img_size: int = PROXY_IMG_SIZE, patch_size: int = PROXY_PATCH_SIZE,
+                       backbone: str | None = None) -> dict[str, int]:
+    """timm overrides that build a backbone for the proxy task (its width and depth are kept). PVT v1 and CvT
+    (``backbone`` one of tpsexplore.models') have their own fixed patch embeddings: no patch_size for them."""
+    out = {"img_size": img_size, "patch_size": patch_size, "num_classes": PROXY_NUM_CLASSES}
+    if backbone is not None:
+        from ..backbones import resolve_name
+        from ..models import REGISTERED
+
+        if resolve_name(backbone) in REGISTERED:
+            del out["patch_size"]
+    return out
 
 
 @dataclass(frozen=True)
@@ -570,7 +579,8 @@ def _model_img_size(model: torch.nn.Module | None) -> int | None:
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
     if size is None:
-        return None
+        cfg = getattr(model, "pretrained_cfg", None) or {}  # PVT v1, CvT: the size they were built for
+        return int(cfg["input_size"][-1]) if pe is None and "input_size" in cfg else None
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
 
 

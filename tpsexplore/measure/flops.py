@@ -285,8 +285,13 @@ def rollout_scoring_macs(g: ViTGeometry) -> int:
 def analytic_macs(config: ReductionConfig, geometry: ViTGeometry) -> MacReport:
     """Closed-form MACs (spec section 5) of ``config`` on a ViT of ``geometry``, batch 1, eval path.
 
-    Builds no model; token counts come from `token_schedule` only.
+    Builds no model; token counts come from `token_schedule` only. A `hier_flops.HierGeometry` (PVT v1, CvT) is
+    counted by `hier_flops.hier_reduced_macs` (a `HierMacReport`: the same ``gmacs``, ``total`` and ``as_dict``).
     """
+    if not isinstance(geometry, ViTGeometry):
+        from .hier_flops import hier_reduced_macs
+
+        return hier_reduced_macs(config, geometry)
     g = geometry
     c = g.embed_dim
     sched = token_schedule(config, num_patches=g.num_patches, num_prefix=g.num_prefix, depth=g.depth)
@@ -378,6 +383,10 @@ class ParamReport:
 
 def analytic_params(config: ReductionConfig, geometry: ViTGeometry) -> ParamReport:
     """Backbone parameters (from the geometry) plus one DynamicViT predictor per learned stage."""
+    if not isinstance(geometry, ViTGeometry):  # PVT v1, CvT: predictors of each stage's width
+        from .hier_flops import hier_reduced_params
+
+        return hier_reduced_params(config, geometry)
     spec = config.spec
     n_pred = 0
     if spec is not None and spec.policy == "predictor":

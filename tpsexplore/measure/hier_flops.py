@@ -18,7 +18,8 @@ DynamicSwin table). The two differ by the normalisation layers alone (0.010 / 0.
 * The trace is `tpsexplore.measure.flops.traced_macs`: it counts these models as they run (norms included;
   `traced_without_norms` drops its norm ops), and tests/test_hier_backbones.py checks that the counts are equal.
 
-Token reduction on these families is a later step (issue 13, part 2): the count here is the unreduced model.
+* `hier_reduced_macs` counts a token-reduced PVT v1 or CvT (`tpsexplore.reduce.patch_hier`, issue 13 part 2) from
+  the token schedule alone; with no reduction it equals `hier_analytic_macs`.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 
 __all__ = ["HierGeometry", "HierMacReport", "NORM_OPS", "StageGeometry", "hier_analytic_macs", "hier_geometry",
-           "hier_geometry_from_model", "traced_without_norms"]
+           "hier_geometry_from_model", "hier_reduced_macs", "hier_reduced_params", "hier_reduction_stages",
+           "traced_without_norms"]
 
 
 # ============================================================================= geometry
@@ -116,6 +118,26 @@ class HierGeometry:
     @property
     def embed_dim(self) -> int:
         return self.stages[-1].dim
+
+    # what a study manifest records of a backbone (`tpsexplore.manifest.Geometry`), as for the ViTs
+    @property
+    def num_patches(self) -> int:
+        """Tokens of the first stage's grid (the patch tokens entering the first block)."""
+        return self.stages[0].num_spatial
+
+    @property
+    def num_prefix(self) -> int:
+        """Class tokens of the last stage (the only stage that has one)."""
+        return self.stages[-1].num_prefix
+
+    @property
+    def num_heads(self) -> int:
+        return self.stages[-1].num_heads
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Input pixels per first-stage token along each side (the first embedding's stride)."""
+        return self.img_size[0] // self.stages[0].grid[0], self.img_size[1] // self.stages[0].grid[1]
 
 
 def _ln(module: nn.Module | None, where: str) -> bool:
@@ -305,13 +327,24 @@ class HierMacReport:
     norms: int = 0
     final_norm: int = 0
     head: int = 0
+    predictor: int = 0
+    cls_attention: int = 0
+    fuse: int = 0
+    squeeze: int = 0
+    matching: int = 0
     stages: tuple[int, ...] = field(default=(), compare=False)
     tokens: tuple[tuple[int, int], ...] = field(default=(), compare=False)
 
     @property
     def total(self) -> int:
         return (self.patch_embed + self.qkv + self.attention + self.proj + self.mlp + self.spatial + self.norms
-                + self.final_norm + self.head)
+                + self.final_norm + self.head + self.extras)
+
+    @property
+    def extras(self) -> int:
+        """A token reduction's own cost (`hier_reduced_macs`): predictors, class-attention rows, fuse, squeeze,
+        ToMe matching; 0 for the unreduced model."""
+        return self.predictor + self.cls_attention + self.fuse + self.squeeze + self.matching
 
     @property
     def gmacs(self) -> float:
@@ -398,3 +431,115 @@ NORM_OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm")
 def traced_without_norms(traced: Any) -> int:
     """A `flops.TracedMacs` total less its normalisation ops: the trace in the norms=False convention."""
     return traced.total - sum(traced.by_operator.get(op, 0) for op in NORM_OPS)
+
+
+# ============================================================================= reduced models (issue 13, part 2)
+def hier_reduction_stages(geometry: HierGeometry) -> tuple[Any, ...]:
+    """The `reduce.hier_schedule.HierStageTokens` of ``geometry`` (grid cells, class tokens, blocks, form)."""
+    from ..reduce.hier_schedule import HierStageTokens, is_physical
+
+    out, first = [], 0
+    for st in geometry.stages:
+        out.append(HierStageTokens(st.num_spatial, st.num_prefix, st.depth, first,
+                                   is_physical(geometry.family, st.sr_ratio, st.num_prefix)))
+        first += st.depth
+    return tuple(out)
+
+
+def _reduced_block(st: StageGeometry, nq: int, nm: int, physical: bool, norms: bool) -> dict[str, int]:
+    """MACs of one block with ``nq`` query tokens and ``nm`` MLP tokens (`reduce.patch_hier`'s two forms).
+
+    Physical stage (PVT's last, r = 1): everything runs on the live tokens, keys included (nk = nq). Keep-the-grid
+    form: norm1 and the SR conv / depthwise conv projections (with their norms) and K/V run on the dense grid as in
+    the unreduced block; q, the attention rows, proj, norm2 and the MLP run on the live tokens.
+    """
+    c, a, hid = st.dim, st.attn_dim, st.mlp_hidden
+    nk = nq if physical else st.num_kv
+    p = dict.fromkeys(("qkv", "attention", "proj", "mlp", "spatial", "norms"), 0)
+    p["norms"] = 5 * ((nq if physical else st.num_tokens) + nm) * c
+    if st.mixer == "conv_proj":
+        k2, kv_sp = st.conv_kernel ** 2, st.kv_grid[0] * st.kv_grid[1]
+        p["spatial"] = (st.num_spatial + 2 * kv_sp) * c * k2
+        p["norms"] += 2 * (st.num_spatial + 2 * kv_sp) * c
+    elif st.mixer == "sr" and st.sr_ratio > 1:
+        p["spatial"] = nk * c * c * st.sr_ratio ** 2
+        p["norms"] += 5 * nk * c
+    elif st.mixer != "sr":
+        raise ValueError(f"model: a {st.mixer} stage cannot be token-reduced; allowed: PVT v1 and CvT")
+    p["qkv"] = nq * c * a + 2 * nk * c * a
+    p["attention"], p["proj"] = 2 * nq * nk * a, nq * a * c
+    p["mlp"] = 2 * nm * c * hid
+    if not norms:
+        p["norms"] = 0
+    return p
+
+
+def hier_reduced_macs(config: Any, geometry: HierGeometry, norms: bool = True) -> HierMacReport:
+    """Closed-form MACs of ``config`` (a `ReductionConfig`) on the PVT v1 / CvT of ``geometry``, batch 1, eval path.
+
+    Token counts come from `tpsexplore.reduce.hier_schedule.hier_token_schedule` only (builds no model); the
+    blocks follow `_reduced_block`, the entries and the head are the unreduced model's, the final LayerNorm sees
+    the physical stage's remaining tokens (PVT) or the class token (CvT). Extras as for the ViTs
+    (`tpsexplore.measure.flops`): the DynamicViT predictor on the live spatial tokens, the class-attention row
+    (one query against the block's keys), EViT's fused token, the TPS squeeze, ToMe's matching. With no reduction
+    it equals `hier_analytic_macs`; it equals the trace of the patched model (tests/test_hier_reduce.py).
+    """
+    from ..reduce.hier_schedule import hier_token_schedule
+    from .flops import bipartite_matching_macs, predictor_macs, squeeze_macs
+
+    sched = hier_token_schedule(config, hier_reduction_stages(geometry), geometry.family)
+    base = hier_analytic_macs(geometry, norms)
+    parts = dict.fromkeys(("qkv", "attention", "proj", "mlp", "spatial", "norms"), 0)
+    per_stage = []
+    g = 0
+    for st, hs in zip(geometry.stages, sched.stages):
+        total = 0
+        for _ in range(st.depth):
+            nq, nm = sched.blocks[g]
+            blk = _reduced_block(st, nq, nm, hs.physical, norms)
+            for k, v in blk.items():
+                parts[k] += v
+            total += sum(blk.values())
+            g += 1
+        per_stage.append(total)
+    entry = base.norms - sum(_reduced_block(st, st.num_tokens, st.num_tokens, False, norms)["norms"] * st.depth
+                             for st in geometry.stages if st.mixer != "window") if norms else 0
+    parts["norms"] += entry  # the stage entries' norms, as in the unreduced count
+    c = geometry.embed_dim
+    final_tokens = sched.final_tokens if geometry.family == "pvt_v1" else geometry.final_norm_tokens
+    extras = dict.fromkeys(("predictor", "cls_attention", "fuse", "squeeze", "matching"), 0)
+    spec = config.spec
+    if spec is not None:
+        for red in sched.reductions:
+            si = sched.stage_of(red.block)
+            st, hs = geometry.stages[si], sched.stages[si]
+            dim = st.dim
+            if spec.policy == "predictor":
+                extras["predictor"] += predictor_macs(red.before, dim)
+            elif spec.policy == "cls_attn":
+                nq = sched.blocks[red.block][0]
+                extras["cls_attention"] += (nq if hs.physical else st.num_kv) * st.attn_dim
+            elif spec.policy == "merge":
+                extras["matching"] += bipartite_matching_macs(red.before + st.num_prefix, st.num_prefix,
+                                                              st.attn_dim // st.num_heads)
+            treatment = config.effective_treatment
+            if treatment == "squeeze":
+                extras["squeeze"] += squeeze_macs(config, red.kept, red.removed, dim)
+            elif treatment == "fuse":
+                extras["fuse"] += red.removed * dim
+    return HierMacReport(patch_embed=base.patch_embed, **parts, final_norm=5 * final_tokens * c if norms else 0,
+                         head=base.head, **extras, stages=tuple(per_stage), tokens=base.tokens)
+
+
+def hier_reduced_params(config: Any, geometry: HierGeometry) -> Any:
+    """`flops.ParamReport` of ``config`` on ``geometry``: the backbone's parameters plus one DynamicViT predictor
+    (of its stage's width) per learned reduction."""
+    from ..reduce.hier_schedule import hier_token_schedule
+    from .flops import ParamReport, predictor_params
+
+    spec = config.spec
+    extra = 0
+    if spec is not None and spec.policy == "predictor":
+        sched = hier_token_schedule(config, hier_reduction_stages(geometry), geometry.family)
+        extra = sum(predictor_params(geometry.stages[sched.stage_of(r.block)].dim) for r in sched.reductions)
+    return ParamReport(backbone=geometry.num_params, predictor=extra)

@@ -415,8 +415,8 @@ def resolve_proxy_config(name: str, cfg: ProxyConfig) -> ProxyConfig:
         return cfg
     with torch.device("meta"):  # no weights, no init cost: only the width is needed
         model = create_backbone(name, weights="random",
-                                **{**proxy_model_kwargs(cfg.img_size, cfg.patch_size), **cfg.model_kwargs})
-    return replace(cfg, lr=proxy_lr(model.embed_dim))
+                                **{**proxy_model_kwargs(cfg.img_size, cfg.patch_size, name), **cfg.model_kwargs})
+    return replace(cfg, lr=proxy_lr(getattr(model, "embed_dim", None) or model.num_features))  # PVT v1, CvT: last width
 
 
 def proxy_cache_path(name: str, seed: int, cache_dir: str | Path, cfg: ProxyConfig) -> Path:
@@ -441,7 +441,7 @@ def proxy_backbone(name: str, seed: int = 0, cache_dir: str | Path | None = None
     """
     cfg = cfg or ProxyConfig()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    overrides = {**proxy_model_kwargs(cfg.img_size, cfg.patch_size), **cfg.model_kwargs}
+    overrides = {**proxy_model_kwargs(cfg.img_size, cfg.patch_size, name), **cfg.model_kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the random init is part of what the cache key's seed fixes
         model = create_backbone(name, weights="random", **overrides)

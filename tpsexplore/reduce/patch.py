@@ -7,7 +7,6 @@ neither reduce nor need anything from attention run timm's own ``Block.forward``
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field, fields
@@ -422,7 +421,12 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
     """
     config, expected_backbone, searched, cost = _coerce_config(config)
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"model: {type(model).__name__} is not a timm VisionTransformer")
+        from .patch_hier import apply_hier, is_hierarchical_model
+
+        if is_hierarchical_model(model):  # PVT v1 and CvT (Swin, PVT v2 refused there): reduce/patch_hier.py
+            return apply_hier(model, config, track_sources)
+        raise ValueError(f"model: {type(model).__name__} is not a timm VisionTransformer or a supported "
+                         "hierarchical backbone (PVT v1, CvT)")
     _check_supported(model)
     depth = len(model.blocks)
     p = model.num_prefix_tokens
@@ -509,7 +513,9 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
 def remove(model: VisionTransformer) -> VisionTransformer:
     """Undo `apply`: the original class, no added modules, outputs identical to the unpatched model."""
     if not isinstance(model, TokenReductionMixin):
-        return model
+        from .patch_hier import remove_hier
+
+        return remove_hier(model)  # a hierarchical model (or an unpatched one, returned as it is)
     for blk in model.blocks:
         if hasattr(blk, "tps_stage"):
             del blk.tps_stage

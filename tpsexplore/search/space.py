@@ -290,7 +290,12 @@ class SearchSpace:
         self.excluded: dict[str, str] = {}
         kept: list[Variant] = []
         for v in variants:
-            why = self._exclusion(v)
+            try:
+                why = self._exclusion(v)
+            except ValueError as e:  # hierarchical backbones: the method cannot run from block 0 on (or at all)
+                if isinstance(geometry, ViTGeometry):
+                    raise
+                why = str(e)
             if why:
                 self.excluded[v.key] = why
             else:
@@ -320,15 +325,18 @@ class SearchSpace:
             cheapest = self.cost(ReductionConfig("tome", r=2 * self.geometry.num_patches, r_inflection=-1.0))
         else:
             best = -1
-            for f in range(self.depth):
-                if self.cost(self._floor_config(v, (f,))) <= self.budget_gmacs:
+            hier = not isinstance(self.geometry, ViTGeometry)  # a reduction acts within its stage (PVT v1, CvT):
+            for f in range(self.depth):  # there the cheapest shape from f spreads its stages over the blocks
+                locs = self._locations(f, self.gap_max, self.max_stages) if hier else (f,)
+                if self.cost(self._floor_config(v, locs)) <= self.budget_gmacs:
                     best = f
                 else:
                     break
             self.first_max[v.key] = best
             if best >= 0:
                 return ""
-            cheapest = self.cost(self._floor_config(v, (0,)))
+            first = self._locations(0, self.gap_max, self.max_stages) if hier else (0,)
+            cheapest = self.cost(self._floor_config(v, first))
         if cheapest <= self.budget_gmacs:
             return ""
         extra = " (attention rollout runs a full scoring pass first)" if v.spec.policy == "rollout" else ""
@@ -487,7 +495,8 @@ class SearchSpace:
                 opts["similarity_metric"] = trial.suggest_categorical("similarity_metric", list(SIMILARITY_METRICS))
         if v.effective_treatment == "squeeze" and s.sample_options and s.temperature_range[0] < s.temperature_range[1]:
             opts["temperature"] = round(trial.suggest_float("temperature", *s.temperature_range, log=True), 3)
-        if v.effective_treatment == "squeeze" and s.sample_options:
+        if v.effective_treatment == "squeeze" and s.sample_options and isinstance(self.geometry, ViTGeometry):
+            # (hierarchical backbones squeeze on the full features only: no ViT position table or attention map)
             opts["squeeze_match"] = trial.suggest_categorical("squeeze_match", list(SQUEEZE_MATCHES))
         if v.spec.policy in SIZE_POLICIES and s.sample_options:
             opts["prop_attn"] = trial.suggest_categorical("prop_attn", [True, False])

@@ -34,7 +34,9 @@ from .space import SpaceSettings, resolve_variants
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,120}$")
 MODEL_KEYS = ("img_size", "patch_size", "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio",
-              "in_chans")
+              "in_chans", "embed_dims", "depths", "mlp_ratios", "sr_ratios")
+#: per-stage overrides of the hierarchical backbones (PVT v1, CvT: one value per stage; num_heads too)
+STAGE_MODEL_KEYS = ("embed_dims", "depths", "mlp_ratios", "sr_ratios")
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,11 @@ class SearchSettings:
         if unknown:
             raise ValueError(f"model.{unknown[0]}: unknown backbone override; allowed: {', '.join(MODEL_KEYS)}")
         for key, value in self.model.items():
-            if key == "mlp_ratio":
+            if key in STAGE_MODEL_KEYS or (key == "num_heads" and isinstance(value, list)):
+                if not isinstance(value, list) or not value or \
+                        any(isinstance(v, bool) or not _is_number(v) or not v > 0 for v in value):
+                    raise ValueError(f"model.{key}: {value!r} is not a list of numbers > 0, one per stage")
+            elif key == "mlp_ratio":
                 if not _is_number(value) or not value > 0:
                     raise ValueError(f"model.mlp_ratio: {value!r} is not a number > 0")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:

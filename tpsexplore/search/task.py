@@ -108,7 +108,8 @@ class Task:
                 raise ValueError(f"proxy: {' '.join(str(e).split())}") from None
             from ..measure.data import proxy_model_kwargs
 
-            self.model_kwargs = {**proxy_model_kwargs(self.proxy_cfg.img_size, self.proxy_cfg.patch_size),
+            self.model_kwargs = {**proxy_model_kwargs(self.proxy_cfg.img_size, self.proxy_cfg.patch_size,
+                                                      settings.backbone),
                                  **self.proxy_cfg.model_kwargs}
         else:
             self.proxy_cfg = None
@@ -144,17 +145,24 @@ class Task:
 
     # ------------------------------------------------------------------ setup
     def _meta_geometry(self) -> ViTGeometry:
+        """The backbone's `ViTGeometry`, or a `hier_flops.HierGeometry` for PVT v1 / CvT (issue 13), read on `meta`."""
         import timm
 
-        from ..backbones import vit_name
+        from ..backbones import resolve_name, vit_name
+        from ..models import REGISTERED
 
-        name = vit_name(self.settings.backbone)  # a non-ViT fails here with one line naming it
+        hier = resolve_name(self.settings.backbone) in REGISTERED  # PVT v1, CvT: token reduction takes them
+        name = resolve_name(self.settings.backbone) if hier else vit_name(self.settings.backbone)  # else: one line
         try:
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False, **self.model_kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
             raise ValueError(f"model: {self.model_kwargs} cannot build {name}: {' '.join(str(e).split())[:200]}") \
                 from None
+        if hier:
+            from ..measure.hier_flops import hier_geometry_from_model
+
+            return hier_geometry_from_model(model)
         return geometry_from_model(model)
 
     def prepare(self, progress: bool = True) -> None:
