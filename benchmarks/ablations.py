@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tpsexplore.reduce import ReductionConfig  # noqa: E402
-from tpsexplore.stats import (Accuracy, decimals_for, format_p, mcnemar, paired_difference,  # noqa: E402
+from tpsexplore.stats import (Accuracy, decimals_for, format_p, mcnemar, paired_difference, signed,  # noqa: E402
                               wilson_interval)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -273,7 +273,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 vs = " ".join(x for x in r["reference"] if x)
             if r["paired"]:
                 pr = r["paired"]
-                diff = f"{100 * pr['difference']:+.{d}f} [{100 * pr['ci95'][0]:+.{d}f}, {100 * pr['ci95'][1]:+.{d}f}]"
+                dd = decimals_for((pr["ci95"][1] - pr["ci95"][0]) / 2)  # the difference's own interval
+                diff = (f"{signed(100 * pr['difference'], dd)} [{signed(100 * pr['ci95'][0], dd)}, "
+                        f"{signed(100 * pr['ci95'][1], dd)}]")
                 p = format_p(pr["p_value"])
             paper = f"{r['paper_top1']:.2f}" if r["paper_top1"] is not None else "—"
             paper_g = f"{r['paper_gmacs']:.3f}" if r["paper_gmacs"] is not None else "—"

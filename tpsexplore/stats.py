@@ -241,11 +241,11 @@ def format_accuracy(acc: Accuracy, decimals: int | None = None) -> str:
 def format_difference(diff: PairedDifference, decimals: int | None = None) -> str:
     """'-1.2 pts [-2.0, -0.4], McNemar p=0.003': percentage points, signed."""
     d = decimals_for((diff.high - diff.low) / 2) if decimals is None else decimals
-    return (f"{_signed(100 * diff.difference, d)} pts [{_signed(100 * diff.low, d)}, {_signed(100 * diff.high, d)}], "
+    return (f"{signed(100 * diff.difference, d)} pts [{signed(100 * diff.low, d)}, {signed(100 * diff.high, d)}], "
             f"McNemar {p_text(diff.test.p_value)}")
 
 
-def _signed(x: float, decimals: int) -> str:
+def signed(x: float, decimals: int) -> str:
     """'+1.2' / '-0.4', and '0.0' rather than '-0.0' when the rounding reaches zero."""
     text = f"{x:+.{decimals}f}"
     return text[1:] if float(text) == 0 else text
