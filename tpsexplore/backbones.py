@@ -73,6 +73,12 @@ def resolve_name(name: str) -> str:
     return timm_name
 
 
+def is_project_model(name: str) -> bool:
+    """True when ``name`` (short or timm) is one of tpsexplore.models' (PVT v1, CvT): their own patch embeddings,
+    no hub weights, and the hierarchical token reduction takes them."""
+    return resolve_name(name) in _models.REGISTERED
+
+
 def hierarchical_types() -> tuple[type, ...]:
     """Model classes of the hierarchical backbones that build and are counted (Swin, PVT v2, PVT v1, CvT)."""
     from timm.models.pvt_v2 import PyramidVisionTransformerV2
@@ -178,7 +184,7 @@ def create_backbone(
     kwargs = {**spec.overrides(), **timm_kwargs}
     timm_name = backbone_name(name)
     if spec.weights == "pretrained":
-        if timm_name in _models.REGISTERED:
+        if is_project_model(timm_name):
             raise WeightsUnavailableError(_no_weights(name, timm_name, "no hub weights exist for it (use the "
                                                                        "official checkpoint)"))
         cached = _cached_hub_file(timm_name)

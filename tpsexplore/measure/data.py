@@ -268,10 +268,9 @@ def proxy_model_kwargs(img_size: int = PROXY_IMG_SIZE, patch_size: int = PROXY_P
     (``backbone`` one of tpsexplore.models') have their own fixed patch embeddings: no patch_size for them."""
     out = {"img_size": img_size, "patch_size": patch_size, "num_classes": PROXY_NUM_CLASSES}
     if backbone is not None:
-        from ..backbones import resolve_name
-        from ..models import REGISTERED
+        from ..backbones import is_project_model
 
-        if resolve_name(backbone) in REGISTERED:
+        if is_project_model(backbone):
             del out["patch_size"]
     return out
 

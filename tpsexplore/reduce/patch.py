@@ -301,18 +301,28 @@ def _squeeze_similarity(s: TokenState, cfg: ReductionConfig, spatial: Tensor, ke
     return ops.cosine_similarity(ops.gather_tokens(feats, rest), ops.gather_tokens(feats, keep))
 
 
+def _merge_count(stage: ReductionStage, s: TokenState) -> int:
+    """Tokens a merging stage removes here: its count, at most half of the non-prefix tokens (one matching)."""
+    return min(stage.removed, (s.x.shape[1] - s.num_prefix) // 2)
+
+
+def _size_weighted(stage: ReductionStage, s: TokenState, plan: Any, wavg: Callable, move: Callable) -> None:
+    """Apply a merge plan with sizes (ToMe, PiToMe): ``wavg(plan, x, size)`` merges the tokens, ``move(plan, t,
+    reduce)`` carries the token ids and source maps along."""
+    size = s.size if s.size is not None else s.x.new_ones(s.x.shape[0], s.x.shape[1], 1)
+    s.x, s.size = wavg(plan, s.x, size)
+    s.ids = move(plan, s.ids.unsqueeze(-1), None)[..., 0]
+    if s.source is not None:
+        s.source = move(plan, s.source, "amax")
+        s.info.stage_sources[stage.block_index] = s.source
+
+
 def _merge(stage: ReductionStage, s: TokenState, metric: Tensor) -> None:
     """ToMe: bipartite soft matching on head-averaged keys, then the size-weighted merge."""
-    r = min(stage.removed, (s.x.shape[1] - s.num_prefix) // 2)
-    if r <= 0:
-        return
-    plan = ops.bipartite_soft_matching(metric, r, s.num_prefix)
-    size = s.size if s.size is not None else s.x.new_ones(s.x.shape[0], s.x.shape[1], 1)
-    s.x, s.size = ops.merge_wavg(plan, s.x, size)
-    s.ids = ops.merge_apply(plan, s.ids.unsqueeze(-1), None)[..., 0]
-    if s.source is not None:
-        s.source = ops.merge_apply(plan, s.source, "amax")
-        s.info.stage_sources[stage.block_index] = s.source
+    r = _merge_count(stage, s)
+    if r > 0:
+        _size_weighted(stage, s, ops.bipartite_soft_matching(metric, r, s.num_prefix), ops.merge_wavg,
+                       ops.merge_apply)
 
 
 def _tofu(stage: ReductionStage, s: TokenState, metric: Tensor, cfg: ReductionConfig) -> None:
@@ -321,7 +331,7 @@ def _tofu(stage: ReductionStage, s: TokenState, metric: Tensor, cfg: ReductionCo
     the squeeze options) or MLERP-merged into their match (``mlerp``, the later blocks). No sizes: ToFu has no
     proportional attention, and its merges are unweighted."""
     p = s.num_prefix
-    r = min(stage.removed, (s.x.shape[1] - p) // 2)
+    r = _merge_count(stage, s)
     if r <= 0:
         return
     plan = ops.bipartite_soft_matching(metric, r, p)
@@ -357,17 +367,10 @@ def _pitome(stage: ReductionStage, s: TokenState, metric: Tensor) -> None:
     """PiToMe (spec 10): energy-ordered matching on the keys (prefix tokens left out), isolated tokens protected
     in the later blocks, size-weighted merge. The sizes only weight the merges: PiToMe's DeiT patch has no
     proportional attention."""
-    p = s.num_prefix
-    r = min(stage.removed, (s.x.shape[1] - p) // 2)
-    if r <= 0:
-        return
-    plan = merge_ops.pitome_matching(metric, r, stage.margin, p, protect=stage.mode == "protect")
-    size = s.size if s.size is not None else s.x.new_ones(s.x.shape[0], s.x.shape[1], 1)
-    s.x, s.size = merge_ops.energy_wavg(plan, s.x, size)
-    s.ids = merge_ops.energy_apply(plan, s.ids.unsqueeze(-1), None)[..., 0]
-    if s.source is not None:
-        s.source = merge_ops.energy_apply(plan, s.source, "amax")
-        s.info.stage_sources[stage.block_index] = s.source
+    r = _merge_count(stage, s)
+    if r > 0:
+        plan = merge_ops.pitome_matching(metric, r, stage.margin, s.num_prefix, protect=stage.mode == "protect")
+        _size_weighted(stage, s, plan, merge_ops.energy_wavg, merge_ops.energy_apply)
 
 
 def _grid_coords(s: TokenState) -> Tensor:

@@ -148,10 +148,9 @@ class Task:
         """The backbone's `ViTGeometry`, or a `hier_flops.HierGeometry` for PVT v1 / CvT (issue 13), read on `meta`."""
         import timm
 
-        from ..backbones import resolve_name, vit_name
-        from ..models import REGISTERED
+        from ..backbones import is_project_model, resolve_name, vit_name
 
-        hier = resolve_name(self.settings.backbone) in REGISTERED  # PVT v1, CvT: token reduction takes them
+        hier = is_project_model(self.settings.backbone)  # PVT v1, CvT: token reduction takes them
         name = resolve_name(self.settings.backbone) if hier else vit_name(self.settings.backbone)  # else: one line
         try:
             with torch.device("meta"):
