@@ -146,11 +146,21 @@ def test_top_front_configs_are_confirmed_with_all_seeds(run_a, proxy_cache):
     d = run_a["dir"]
     trials = _trials(d)
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    # expected: the 2 most accurate members of the feasible front, then the unreduced baseline
+    # expected: the most accurate member of the feasible front, then the cheapest trial a paired test cannot
+    # tell apart from it (else the next most accurate of the front), then the unreduced baseline
     from tpsexplore.search.progress import pareto_front
+    from tpsexplore.search.recommend import records_from_trials, tests_against_best
 
     front = sorted(pareto_front(trials, False), key=lambda r: (-r.accuracy, r.cost, r.number))
-    expected = [r.number for r in front[:2]] + [next(t.number for t in trials if info(t, "label") == "baseline")]
+    by_number = {t.number: t for t in trials}
+    front = [r for r in front if info(by_number[r.number], "label") != "baseline"]
+    records = records_from_trials(trials, "finetuned")
+    best, tests = tests_against_best(records)
+    assert best.number == front[0].number
+    same = sorted((r for r in records if tests.get(r.number) is not None and not tests[r.number].significant()),
+                  key=lambda r: (r.cost, r.number))
+    second = same[0].number if same else front[1].number
+    expected = [front[0].number, second, next(t.number for t in trials if info(t, "label") == "baseline")]
     rows = _confirmed_rows(d)
     assert [int(r.number) for r in rows] == expected  # one measurement each, in confirmation order
     finetuned = _finetuned_rows(d)

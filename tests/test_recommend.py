@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from tpsexplore.search.backend import A_INFO, A_RECORD, A_ROLE, A_ZERO_SHOT
+from tpsexplore.search.backend import A_FINETUNED, A_INFO, A_RECORD, A_ROLE, A_ZERO_SHOT
 from tpsexplore.search.confirm import ConfirmedAccuracy
 from tpsexplore.search.progress import front_table, pareto_front
 from tpsexplore.search.recommend import (build_record, compare, paired_accuracies, recommend, records_from_trials,
@@ -50,6 +50,7 @@ def trial(number: int, correct: int, gmacs: float, *, variant: str = "topk", fea
         state=TrialState.COMPLETE, values=[correct / N, gmacs], params={"x": gmacs / BASE_GMACS},
         distributions={"x": FloatDistribution(0.0, 1.0)},
         user_attrs={A_ROLE: "baseline" if variant == "baseline" else "sampled", A_ZERO_SHOT: (correct - 50) / N,
+                    A_FINETUNED: correct / N,
                     A_INFO: {"config": {"method": "none" if variant == "baseline" else variant}, "label": label,
                              "variant": variant, "gmacs": gmacs, "feasible": feasible},
                     A_RECORD: {"measurements": meas, "durations": {}}})
@@ -132,3 +133,17 @@ def test_recommendation_edge_cases(trials):
     # a speed-up without any spread is one value, said so
     assert speed_of([{"kind": "speedup", "value": 1.7, "batch_size": 8}]).spread == "one measurement"
     assert speed_of([{"kind": "throughput", "value": 1.0, "batch_size": 8}]) is None
+
+
+def test_confirmation_targets_are_the_ones_the_recommendation_can_pick(trials):
+    """`confirm.select_targets`: the most accurate front member, then the cheapest trials a paired test cannot
+    tell apart from it, then the rest of the front; the baseline last, outside ``top``."""
+    from tpsexplore.search.confirm import select_targets
+
+    more = [*trials, frozen(5, trial(5, 920, 0.45, variant="evit"))]  # 1 image below #1, costlier than #2
+    numbers = [t.number for t in select_targets(more, 2, maximize_cost=False)]
+    assert numbers == [1, 2, 0]  # not [1, 5, 0]: #5 is more accurate than #2, but #2 is the cheaper tie
+    assert [t.number for t in select_targets(more, 3, maximize_cost=False, baseline=False)] == [1, 2, 5]
+    assert [t.number for t in select_targets(more, 4, maximize_cost=False, baseline=False)] == [1, 2, 5, 3]
+    assert [t.number for t in select_targets(more, 1, maximize_cost=False)] == [1, 0]
+    assert select_targets(more, 0, maximize_cost=False) == []

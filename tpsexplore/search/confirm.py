@@ -1,8 +1,10 @@
 """Confirmation stage: re-fine-tune the top configs of the front with further seeds and store mean +- spread.
 
 A trial's fine-tuned accuracy is one draw: the learned predictors' initialisation and the fine-tune's batch
-order come from one seed. After the search, the coordinator (the only writer of results.db) takes the
-``top`` most accurate feasible, complete, fine-tuned trials of the accuracy/cost Pareto front (and, with
+order come from one seed. After the search, the coordinator (the only writer of results.db) takes ``top``
+complete, fine-tuned trials (`select_targets`: the most accurate of the feasible front, then the cheapest
+trials a paired test cannot tell apart from it, which the recommendation would pick, then the next most
+accurate of the front; and, with
 ``baseline``, the unreduced baseline, so the accuracy drop compares seed means with seed means) and runs
 each again with ``seeds`` further seeds: a fresh model from the task, `apply` with the predictors
 initialised from the seed (as `objective.run_trial` does), the same fine-tune, the same evaluation set.
@@ -169,12 +171,15 @@ def confirmed_from_store(store: Any, study: Any) -> dict[int, ConfirmedAccuracy]
 
 # ============================================================================= which trials
 def select_targets(trials: Sequence[Any], top: int, maximize_cost: bool, baseline: bool = True) -> list[Any]:
-    """The trials to confirm: the ``top`` most accurate fine-tuned members of the feasible front (ties: better
-    cost first), then the unreduced baseline when ``baseline`` (never counted in ``top``)."""
+    """The trials to confirm, ``top`` at most: the most accurate fine-tuned member of the feasible front, then
+    the within-budget trials an exact McNemar test cannot tell apart from it, cheapest first (the ones the
+    recommendation may pick instead of it, `recommend.recommend`), then the rest of the front, most accurate
+    first (ties: better cost first); then the unreduced baseline when ``baseline`` (never counted in ``top``)."""
     from optuna.trial import TrialState
 
     from .backend import A_FINETUNED, info
     from .progress import pareto_front
+    from .recommend import records_from_trials, tests_against_best
 
     if top <= 0:
         return []
@@ -183,11 +188,23 @@ def select_targets(trials: Sequence[Any], top: int, maximize_cost: bool, baselin
     def unreduced(t: Any) -> bool:
         return (info(t, "config") or {}).get("method") == "none"
 
+    def finetuned(t: Any) -> bool:
+        return A_FINETUNED in t.user_attrs and not unreduced(t)
+
     sign = -1.0 if maximize_cost else 1.0
     front = [by_number[r.number] for r in pareto_front(list(trials), maximize_cost)]
-    front = [t for t in front if A_FINETUNED in t.user_attrs and not unreduced(t)]
+    front = [t for t in front if finetuned(t)]
     front.sort(key=lambda t: (-t.values[0], sign * t.values[1], t.number))
-    chosen = front[:top]
+    order: list[Any] = front[:1]
+    if front:
+        records = [r for r in records_from_trials([t for t in trials if finetuned(t)], "finetuned")]
+        best, tests = tests_against_best(records)
+        if best is not None and best.number == front[0].number:
+            same = [r for r in records if tests.get(r.number) is not None and not tests[r.number].significant()]
+            same.sort(key=lambda r: (r.cost if r.cost is not None else math.inf, r.number))
+            order += [by_number[r.number] for r in same]
+    order += [t for t in front if t not in order]
+    chosen = order[:top]
     if baseline:
         base = [t for t in trials if t.state == TrialState.COMPLETE and unreduced(t) and A_FINETUNED in t.user_attrs]
         chosen += sorted(base, key=lambda t: t.number)[:1]

@@ -349,7 +349,8 @@ def _throughput(ctx: TrialContext, model: torch.nn.Module) -> list[dict[str, Any
         if sp.speedup is not None:
             out.append({"kind": "speedup", "value": sp.speedup, "unit": "x", **common,
                         "extra": {"baseline_images_per_s": sp.baseline_images_per_s, "note": sp.note,
-                                  "loaded": loaded, "window_ratios": sp.window_ratios}})
+                                  "loaded": loaded, "window_ratios": sp.window_ratios,
+                                  "basis": sp.basis}})
     return out
 
 
