@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", help="stop starting trials after this long (seconds, or 15m / 1h)")
     g.add_argument("--finetune-steps", dest="finetune_steps", type=int, help="fine-tune steps per trial that "
                    f"passes the zero-shot gate; 0 = zero-shot only (default {DEFAULT_FINETUNE_STEPS})")
-    g.add_argument("--confirm", metavar="TOP[xSEEDS]", help="after the trials, re-fine-tune the TOP most accurate "
-                   "feasible front configs (and the baseline) with SEEDS more seeds each and store mean +- spread "
+    g.add_argument("--confirm", metavar="TOP[xSEEDS]", help="after the trials, re-fine-tune TOP configs (the most "
+                   "accurate of the feasible front, then the cheapest a paired test cannot tell from it) and the "
+                   "baseline with SEEDS more seeds each and store mean +- spread "
                    f"(default {CONFIRM_TOP}x{CONFIRM_SEEDS}; 0 = off; study file: [confirm] top, "
                    "seeds, baseline)")
     g = parser.add_argument_group("where")

@@ -16,6 +16,7 @@ DEFAULT_TRIALS = 16  # with pre-training and confirmation: the main job within 1
 DEFAULT_FINETUNE_STEPS = 40
 DEFAULT_BUDGET = 0.35
 DEFAULT_BACKBONE = "deit_t"
-#: ``--confirm TOPxSEEDS``: re-fine-tune the TOP most accurate front configs with SEEDS more seeds each.
+#: ``--confirm TOPxSEEDS``: re-fine-tune TOP configs (the most accurate of the front, then the cheapest
+#: ones a paired test cannot tell from it: `confirm.select_targets`) with SEEDS more seeds each.
 CONFIRM_TOP = 2
 CONFIRM_SEEDS = 1
