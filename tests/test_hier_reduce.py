@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpsexplore.backbones import build_timm_model, create_backbone
+from tpsexplore.backbones import create_backbone
 from tpsexplore.measure.flops import traced_macs
 from tpsexplore.measure.hier_flops import hier_analytic_macs, hier_geometry, hier_geometry_from_model, \
     hier_reduced_macs
@@ -164,12 +164,8 @@ def test_refusals_are_one_line():
         apply(cvt, ReductionConfig("etps", (5,), (0.7,)))
     with pytest.raises(ValueError, match=r"^locations: \[13\] out of range; allowed 0..12"):
         apply(cvt, ReductionConfig("dtps", (13,), (0.7,)))
-    for name, title in (("swin_tiny_patch4_window7_224", "Swin"), ("pvt_v2_b1", "PVT v2")):
-        with torch.device("meta"):
-            model = build_timm_model(name)
-        with pytest.raises(ValueError, match=rf"^model: token reduction on hierarchical backbones supports PVT v1 "
-                                             rf"\(pvt_t, pvt_s\) and CvT \(cvt_13, cvt_21\); {title} is not supported"):
-            apply(model, ReductionConfig("dtps", (3,), (0.7,)))
+    with pytest.raises(ValueError, match=r"^swin_form: 'cheap' applies only to Swin backbones; allowed here: 'auto'$"):
+        apply(pvt, ReductionConfig("dtps", (6,), (0.7,), swin_form="cheap"))  # (Swin: tests/test_swin_reduce.py)
     assert type(pvt).__name__ == "PyramidVisionTransformerV1"  # a refused apply leaves the model unpatched
 
 

@@ -18,7 +18,7 @@ SHORT_NAMES = {
     "vit_b16": "vit_base_patch16_224",
 }
 #: Hierarchical backbones (issue 13): Swin-T and PVT v2 from timm, PVT v1 and CvT from tpsexplore.models.
-#: They build and are counted; token reduction (`apply`) and the search take PVT v1 and CvT (issue 13 part 2).
+#: They build and are counted; token reduction (`apply`) and the search take all of them (issue 13 part 2).
 HIER_SHORT_NAMES = {
     "swin_t": "swin_tiny_patch4_window7_224",
     "pvt_v2_b1": "pvt_v2_b1",
@@ -93,6 +93,11 @@ def is_hierarchical(model: torch.nn.Module) -> bool:
     return isinstance(model, hierarchical_types())
 
 
+def is_hierarchical_name(name: str) -> bool:
+    """True when ``name`` (short or timm) builds a hierarchical backbone (checked on the meta device: no weights)."""
+    return is_hierarchical(_meta_model(name)[1])
+
+
 def build_timm_model(timm_name: str, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(timm_name, pretrained=False, **kwargs)``, where ``img_size`` also works for PVT v2.
 
@@ -135,7 +140,7 @@ def vit_name(name: str) -> str:
     if is_hierarchical(model):
         raise ValueError(f"backbone: {name!r} ({timm_name}) is a hierarchical {type(model).__name__}: it builds "
                          "and is counted, but this takes timm VisionTransformers (token reduction and the search also "
-                         "take pvt_t, pvt_s, cvt_13 and cvt_21; Swin and PVT v2 are only built and counted); allowed: "
+                         "take pvt_t, pvt_s, pvt_v2_b1, cvt_13, cvt_21 and swin_t); allowed: "
                          f"{', '.join(SHORT_NAMES)} or any timm VisionTransformer name")
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"backbone: {name!r} builds a {type(model).__name__}, not a timm "
@@ -173,7 +178,7 @@ def create_backbone(
     **timm_kwargs: Any,
 ) -> torch.nn.Module:
     """Build a timm VisionTransformer, or a hierarchical backbone (swin_t, pvt_v2_b1, pvt_t, pvt_s, cvt_13,
-    cvt_21; token reduction does not take these yet).
+    cvt_21: `apply` and the search take them too, issue 13).
 
     weights='pretrained' fetches from the timm hub; checkpoint=PATH loads a local .pth/.pt (with or
     without a top-level "model" key) or .safetensors file strictly (official Swin, PVT v1/v2 and CvT layouts

@@ -1,4 +1,5 @@
-"""Deployable forms of a (token-reduced) timm ViT: ONNX, torch.export (.pt2), TorchScript and torch.compile.
+"""Deployable forms of a (token-reduced) timm ViT or hierarchical backbone (PVT v1/v2, CvT, Swin): ONNX,
+torch.export (.pt2), TorchScript and torch.compile.
 
 Every reduction in `tpsexplore.reduce` has constant shapes at inference: its token counts are Python ints fixed
 by the token schedule, so an exported graph is static except, when asked, for the batch dimension.
@@ -13,8 +14,8 @@ by the token schedule, so an exported graph is static except, when asked, for th
 
 Exports run in eval mode with source tracking off; the model's mode, options and ``last_info`` are restored after.
 Files are written atomically (`tpsexplore.manifest.atomic_write`). Bottom layer: imports `tpsexplore.manifest`
-and torch, and onnx/onnxruntime lazily (the ``deploy`` extra); the model is any timm VisionTransformer, reduced
-by `tpsexplore.reduce.apply` or not.
+and torch, and onnx/onnxruntime lazily (the ``deploy`` extra); the model is any timm VisionTransformer or
+hierarchical backbone, reduced by `tpsexplore.reduce.apply` or not (`input_shape` reads its image size).
 """
 from __future__ import annotations
 
@@ -53,13 +54,26 @@ def example_input(model: nn.Module, batch_size: int | None = None, seed: int = 0
 
     B is ``batch_size``, or `EXAMPLE_BATCH` for a dynamic-batch export.
     """
-    embed = model.patch_embed
-    height, width = embed.img_size
-    channels = embed.proj.in_channels
+    channels, height, width = input_shape(model)
     ref = next(model.parameters())
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(check_batch_size(batch_size) or EXAMPLE_BATCH, channels, height, width, generator=g)
     return x.to(device=ref.device, dtype=ref.dtype)
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images ``model`` takes: a timm ViT's or Swin's patch embedding, PVT v1 / CvT's own
+    ``in_chans`` and ``img_size``, else the ``pretrained_cfg`` input size (PVT v2, set by
+    `tpsexplore.backbones.build_timm_model`)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and getattr(embed, "img_size", None) is not None and hasattr(embed, "proj"):
+        height, width = embed.img_size
+        return int(embed.proj.in_channels), int(height), int(width)
+    if getattr(model, "img_size", None) is not None and getattr(model, "in_chans", None) is not None:
+        height, width = (model.img_size, model.img_size) if isinstance(model.img_size, int) else model.img_size
+        return int(model.in_chans), int(height), int(width)
+    channels, height, width = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    return int(channels), int(height), int(width)
 
 
 def _batch_dim(batch_size: int | None) -> tuple[dict[int, Any], ...] | None:

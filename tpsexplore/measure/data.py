@@ -264,13 +264,13 @@ def split_warnings(train_s: list[tuple[str, int]], val_s: list[tuple[str, int]],
 # ----------------------------------------------------------------------------- proxy task
 def proxy_model_kwargs(img_size: int = PROXY_IMG_SIZE, patch_size: int = PROXY_PATCH_SIZE,
                        backbone: str | None = None) -> dict[str, int]:
-    """timm overrides that build a backbone for the proxy task (its width and depth are kept). PVT v1 and CvT
-    (``backbone`` one of tpsexplore.models') have their own fixed patch embeddings: no patch_size for them."""
+    """timm overrides that build a backbone for the proxy task (its width and depth are kept). The hierarchical
+    backbones (``backbone`` PVT v1/v2, CvT, Swin) have their own patch embeddings: no patch_size for them."""
     out = {"img_size": img_size, "patch_size": patch_size, "num_classes": PROXY_NUM_CLASSES}
     if backbone is not None:
-        from ..backbones import is_project_model
+        from ..backbones import is_hierarchical_name
 
-        if is_project_model(backbone):
+        if is_hierarchical_name(backbone):
             del out["patch_size"]
     return out
 
@@ -578,8 +578,8 @@ def _model_img_size(model: torch.nn.Module | None) -> int | None:
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
     if size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}  # PVT v1, CvT: the size they were built for
-        return int(cfg["input_size"][-1]) if pe is None and "input_size" in cfg else None
+        cfg = getattr(model, "pretrained_cfg", None) or {}  # PVT v1/v2, CvT: the size they were built for
+        return int(cfg["input_size"][-1]) if "input_size" in cfg else None
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
 
 
@@ -607,7 +607,7 @@ def _info(spec: DataSpec, source: str, num_classes: int, n_train: int, n_val: in
         "data_spec": spec.to_dict(),
     }
     pe = getattr(model, "patch_embed", None)
-    if pe is not None:
+    if pe is not None and hasattr(pe, "num_patches"):  # a ViT's (PVT v2's overlapping embedding has no count)
         ps = pe.patch_size
         info["patch_size"] = int(ps[0]) if isinstance(ps, (tuple, list)) else int(ps)
         info["num_patches"] = int(pe.num_patches)

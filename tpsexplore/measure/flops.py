@@ -421,7 +421,8 @@ MAC_FREE_OPS: frozenset[str] = frozenset({
     # selection, ordering, gather/scatter
     "aten::topk", "aten::sort", "aten::argsort", "aten::scatter", "aten::scatter_", "aten::scatter_add",
     "aten::scatter_add_", "aten::scatter_reduce", "aten::scatter_reduce_", "aten::index_select",
-    "aten::index_add", "aten::index_add_", "aten::index_put", "aten::take_along_dim", "aten::masked_select",
+    "aten::index_copy", "aten::index_copy_", "aten::index_add", "aten::index_add_", "aten::index_put",
+    "aten::take_along_dim", "aten::masked_select",
     "aten::diagonal", "aten::diag", "aten::tril", "aten::triu", "aten::one_hot",
     # shape, copy and creation
     "aten::expand_as", "aten::repeat", "aten::repeat_interleave", "aten::clone", "aten::alias",

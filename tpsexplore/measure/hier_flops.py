@@ -18,8 +18,9 @@ DynamicSwin table). The two differ by the normalisation layers alone (0.010 / 0.
 * The trace is `tpsexplore.measure.flops.traced_macs`: it counts these models as they run (norms included;
   `traced_without_norms` drops its norm ops), and tests/test_hier_backbones.py checks that the counts are equal.
 
-* `hier_reduced_macs` counts a token-reduced PVT v1 or CvT (`tpsexplore.reduce.patch_hier`, issue 13 part 2) from
-  the token schedule alone; with no reduction it equals `hier_analytic_macs`.
+* `hier_reduced_macs` counts a token-reduced PVT v1, PVT v2 or CvT (`tpsexplore.reduce.patch_hier`, issue 13 part 2)
+  from the token schedule alone; with no reduction it equals `hier_analytic_macs`. A Swin goes to
+  `swin_reduced_macs` (`tpsexplore.reduce.patch_swin`: the cheap and the window form, similarity pruning).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from torch import nn
 
 __all__ = ["HierGeometry", "HierMacReport", "NORM_OPS", "StageGeometry", "hier_analytic_macs", "hier_geometry",
            "hier_geometry_from_model", "hier_reduced_macs", "hier_reduced_params", "hier_reduction_stages",
-           "traced_without_norms"]
+           "swin_reduced_macs", "swin_reduced_params", "swin_reduction_stages", "traced_without_norms"]
 
 
 # ============================================================================= geometry
@@ -332,6 +333,7 @@ class HierMacReport:
     fuse: int = 0
     squeeze: int = 0
     matching: int = 0
+    similarity: int = 0
     stages: tuple[int, ...] = field(default=(), compare=False)
     tokens: tuple[tuple[int, int], ...] = field(default=(), compare=False)
 
@@ -344,7 +346,7 @@ class HierMacReport:
     def extras(self) -> int:
         """A token reduction's own cost (`hier_reduced_macs`): predictors, class-attention rows, fuse, squeeze,
         ToMe matching; 0 for the unreduced model."""
-        return self.predictor + self.cls_attention + self.fuse + self.squeeze + self.matching
+        return self.predictor + self.cls_attention + self.fuse + self.squeeze + self.matching + self.similarity
 
     @property
     def gmacs(self) -> float:
@@ -451,7 +453,8 @@ def _reduced_block(st: StageGeometry, nq: int, nm: int, physical: bool, norms: b
 
     Physical stage (PVT's last, r = 1): everything runs on the live tokens, keys included (nk = nq). Keep-the-grid
     form: norm1 and the SR conv / depthwise conv projections (with their norms) and K/V run on the dense grid as in
-    the unreduced block; q, the attention rows, proj, norm2 and the MLP run on the live tokens.
+    the unreduced block; q, the attention rows, proj, norm2 and the MLP run on the live tokens, except PVT v2's
+    depthwise MLP conv, which runs on the whole (zero-filled) hidden grid.
     """
     c, a, hid = st.dim, st.attn_dim, st.mlp_hidden
     nk = nq if physical else st.num_kv
@@ -465,17 +468,18 @@ def _reduced_block(st: StageGeometry, nq: int, nm: int, physical: bool, norms: b
         p["spatial"] = nk * c * c * st.sr_ratio ** 2
         p["norms"] += 5 * nk * c
     elif st.mixer != "sr":
-        raise ValueError(f"model: a {st.mixer} stage cannot be token-reduced; allowed: PVT v1 and CvT")
+        raise ValueError(f"model: a {st.mixer} stage cannot be token-reduced; allowed: PVT v1, PVT v2 and CvT")
     p["qkv"] = nq * c * a + 2 * nk * c * a
     p["attention"], p["proj"] = 2 * nq * nk * a, nq * a * c
-    p["mlp"] = 2 * nm * c * hid
+    p["mlp"] = 2 * nm * c * hid + (st.num_spatial * hid * st.mlp_dwconv ** 2 if st.mlp_dwconv else 0)
     if not norms:
         p["norms"] = 0
     return p
 
 
 def hier_reduced_macs(config: Any, geometry: HierGeometry, norms: bool = True) -> HierMacReport:
-    """Closed-form MACs of ``config`` (a `ReductionConfig`) on the PVT v1 / CvT of ``geometry``, batch 1, eval path.
+    """Closed-form MACs of ``config`` (a `ReductionConfig`) on the PVT v1 / v2 / CvT of ``geometry``, batch 1, eval
+    path.
 
     Token counts come from `tpsexplore.reduce.hier_schedule.hier_token_schedule` only (builds no model); the
     blocks follow `_reduced_block`, the entries and the head are the unreduced model's, the final LayerNorm sees
@@ -487,6 +491,8 @@ def hier_reduced_macs(config: Any, geometry: HierGeometry, norms: bool = True) -
     from ..reduce.hier_schedule import hier_token_schedule
     from .flops import bipartite_matching_macs, predictor_macs, squeeze_macs
 
+    if geometry.family == "swin":
+        return swin_reduced_macs(config, geometry, norms)
     sched = hier_token_schedule(config, hier_reduction_stages(geometry), geometry.family)
     base = hier_analytic_macs(geometry, norms)
     parts = dict.fromkeys(("qkv", "attention", "proj", "mlp", "spatial", "norms"), 0)
@@ -539,7 +545,115 @@ def hier_reduced_params(config: Any, geometry: HierGeometry) -> Any:
 
     spec = config.spec
     extra = 0
+    if geometry.family == "swin":
+        return ParamReport(backbone=geometry.num_params, predictor=swin_reduced_params(config, geometry))
     if spec is not None and spec.policy == "predictor":
         sched = hier_token_schedule(config, hier_reduction_stages(geometry), geometry.family)
         extra = sum(predictor_params(geometry.stages[sched.stage_of(r.block)].dim) for r in sched.reductions)
     return ParamReport(backbone=geometry.num_params, predictor=extra)
+
+
+# ============================================================================= Swin (reduce/patch_swin.py)
+def swin_reduction_stages(geometry: HierGeometry) -> tuple[Any, ...]:
+    """The `reduce.swin_schedule.SwinStageTokens` of a Swin ``geometry`` (grid, window, blocks)."""
+    from ..reduce.swin_schedule import SwinStageTokens
+
+    out, first = [], 0
+    for st in geometry.stages:
+        out.append(SwinStageTokens(st.grid, st.window, st.depth, first))
+        first += st.depth
+    return tuple(out)
+
+
+def _swin_block(st: StageGeometry, nq: int, nm: int, per_window: int, form: str, norms: bool) -> dict[str, int]:
+    """MACs of one Swin block of a reduced model (`reduce.swin_schedule`'s forms).
+
+    Unreduced (nq = nm = the stage's tokens): `_stage_parts`' block. Window form (``per_window`` c < A kept in
+    each of the nW windows, nq = nm = c nW): both norms, qkv, proj and the MLP on the c nW kept tokens, the
+    attention 2 nW c^2 a. Cheap form (nm < nq = N): norm1, qkv, window attention and proj dense as unreduced;
+    norm2 and the MLP on the nm kept tokens, the fast path (LayerNorm + Linear C -> C) on the N - nm others.
+    """
+    c, a, hid = st.dim, st.attn_dim, st.mlp_hidden
+    n = st.num_spatial
+    if (nq, nm) == (n, n):
+        p = _stage_parts(replace(st, depth=1, embed="merge", embed_in=0), norms)[0]
+        p.pop("patch_embed")
+        return p
+    p = dict.fromkeys(("qkv", "attention", "proj", "mlp", "spatial", "norms"), 0)
+    if form == "window":
+        p["norms"] = 2 * 5 * nq * c
+        p["qkv"], p["proj"], p["mlp"] = 3 * nq * c * a, nq * a * c, 2 * nq * c * hid
+        p["attention"] = 2 * (nq // per_window) * per_window * per_window * a
+    else:
+        wh, ww = st.window
+        npad = math.ceil(st.grid[0] / wh) * wh * math.ceil(st.grid[1] / ww) * ww
+        p["norms"] = 5 * (n + nm + (n - nm)) * c
+        p["qkv"], p["attention"], p["proj"] = 3 * npad * c * a, 2 * npad * wh * ww * a, npad * a * c
+        p["mlp"] = 2 * nm * c * hid + (n - nm) * c * c
+    if not norms:
+        p["norms"] = 0
+    return p
+
+
+def swin_reduced_macs(config: Any, geometry: HierGeometry, norms: bool = True) -> HierMacReport:
+    """Closed-form MACs of ``config`` on the Swin of ``geometry``, batch 1, eval path (`hier_reduced_macs` for
+    Swin). Blocks follow `_swin_block`; the patch embedding, the patch mergings, the final norm and the head are
+    the unreduced model's. Extras: the DynamicViT predictor on all the stage's tokens at each reducing location
+    (DynamicSwin's scorer sees every token), the TPS squeeze of the cheap form's pruned tokens into its kept
+    ones, and similarity scoring's O(N C) redundancy on the patch embeddings: 2 N C for cosine (the norms and one
+    product with the sum of the normalised embeddings), 2 N C for dot (the squared norms and that product).
+    With no reduction it equals `hier_analytic_macs`; it equals the trace of the patched model
+    (tests/test_swin_reduce.py)."""
+    from ..reduce.swin_schedule import swin_token_schedule
+    from .flops import predictor_macs, squeeze_macs
+
+    sched = swin_token_schedule(config, swin_reduction_stages(geometry))
+    base = hier_analytic_macs(geometry, norms)
+    parts = dict.fromkeys(("qkv", "attention", "proj", "mlp", "spatial", "norms"), 0)
+    per_stage = []
+    g = 0
+    for st in geometry.stages:
+        total = 0
+        for _ in range(st.depth):
+            blk = _swin_block(st, *sched.blocks[g], sched.per_window[g], sched.form, norms)
+            for k, v in blk.items():
+                parts[k] += v
+            total += sum(blk.values())
+            g += 1
+        per_stage.append(total)
+    block_norms = sum(_swin_block(st, st.num_spatial, st.num_spatial, st.window[0] * st.window[1], "", norms)
+                      ["norms"] * st.depth for st in geometry.stages)
+    parts["norms"] += base.norms - block_norms  # the patch embedding's and the mergings' norms, as unreduced
+    extras = dict.fromkeys(("predictor", "squeeze", "similarity"), 0)
+    spec = config.spec
+    for red in sched.reductions:
+        st = geometry.stages[sched.stage_of(red.block)]
+        if spec.policy == "predictor":  # (norms=False: without its LayerNorm, as the trace less its norm ops)
+            extras["predictor"] += predictor_macs(red.before, st.dim) - (0 if norms else 5 * red.before * st.dim)
+        elif spec.policy == "similarity":
+            extras["similarity"] += 2 * red.before * st.dim
+        if config.effective_treatment == "squeeze":
+            extras["squeeze"] += squeeze_macs(config, red.kept, red.removed, st.dim)
+    return HierMacReport(patch_embed=base.patch_embed, **parts, final_norm=base.final_norm, head=base.head,
+                         **extras, stages=tuple(per_stage), tokens=base.tokens)
+
+
+def swin_reduced_params(config: Any, geometry: HierGeometry) -> int:
+    """Parameters a reduction adds to a Swin: one DynamicViT predictor per learned reduction (its stage's width)
+    and, in the cheap form, one fast MLP (LayerNorm + Linear C -> C) per block whose MLP runs on fewer tokens."""
+    from ..reduce.swin_schedule import swin_token_schedule
+    from .flops import predictor_params
+
+    sched = swin_token_schedule(config, swin_reduction_stages(geometry))
+    spec = config.spec
+    extra = 0
+    if spec is not None and spec.policy == "predictor":
+        extra += sum(predictor_params(geometry.stages[sched.stage_of(r.block)].dim) for r in sched.reductions)
+    if sched.form == "cheap":
+        g = 0
+        for st in geometry.stages:
+            for _ in range(st.depth):
+                if sched.blocks[g][1] < st.num_spatial:
+                    extra += 2 * st.dim + st.dim * st.dim + st.dim
+                g += 1
+    return extra

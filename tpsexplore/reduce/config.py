@@ -13,11 +13,12 @@ SIMILARITY_PLACEMENTS = ("pre", "layerwise")
 SQUEEZE_FEATURES = ("full", "content", "position")  # TPS Table 4 (spec 11.1)
 SQUEEZE_SIMILARITIES = ("cosine", "attention")  # TPS Table 5 (spec 11.2)
 SIMILARITY_METRICS = ("cosine", "euclidean", "dot")  # similarity-pruning preprint 4.4.1 (spec 12)
+SWIN_FORMS = ("auto", "cheap", "window")  # Swin's two reduction forms (reduce/swin_schedule.py); auto: the default
 SIZE_POLICIES = ("merge",)  # policies that carry token sizes, so proportional attention applies
 #: fields written by to_dict only when they differ from these defaults: configs that do not use them keep
 #: the JSON (and so the seeds derived from it) they had before the fields existed
 OPTIONAL_DEFAULTS = {"prop_attn": True, "squeeze_feature": "full", "squeeze_similarity": "cosine",
-                     "similarity_metric": "cosine", "mlerp_dst_norm": False}
+                     "similarity_metric": "cosine", "mlerp_dst_norm": False, "swin_form": "auto"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class ReductionConfig:
     one per location (or one for all locations); each is per block, relative to that block's tokens, in
     [0.5, 1]. mlerp_dst_norm: ToFu's MLERP as the unofficial re-implementation codes it (divide by the
     destination's norm, not the mean's: not norm-preserving); the default is the norm-preserving MLERP.
+
+    swin_form: which of Swin's two reduction forms runs (`tpsexplore.reduce.swin_schedule`): ``cheap``
+    (DynamicSwin's fast MLP path in stage 2), ``window`` (equal counts per window, pruned tokens frozen) or
+    ``auto`` (the method's default form there); only Swin backbones take a value other than ``auto``.
     """
 
     method: str = "none"
@@ -64,6 +69,7 @@ class ReductionConfig:
     squeeze_similarity: str = "cosine"
     similarity_metric: str = "cosine"
     mlerp_dst_norm: bool = False
+    swin_form: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "locations", _int_tuple(self.locations, "locations"))
@@ -98,7 +104,7 @@ class ReductionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not true or false")
         for name, allowed in (("squeeze_feature", SQUEEZE_FEATURES), ("squeeze_similarity", SQUEEZE_SIMILARITIES),
-                              ("similarity_metric", SIMILARITY_METRICS)):
+                              ("similarity_metric", SIMILARITY_METRICS), ("swin_form", SWIN_FORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         if self.method == "none":
@@ -264,6 +270,8 @@ class ReductionConfig:
             out += f" metric={self.similarity_metric}"
         if self.mlerp_dst_norm:
             out += " mlerp=dst"
+        if self.swin_form != "auto":
+            out += f" form={self.swin_form}"
         return out
 
     # ------------------------------------------------------------------ serialisation

@@ -1,4 +1,5 @@
-"""Token counts of a reduction on a hierarchical backbone (PVT v1, CvT), in plain Python (no model, no tensors).
+"""Token counts of a reduction on a hierarchical backbone (PVT v1 and v2, CvT), in plain Python (no model, no
+tensors).
 
 Where tokens are reduced (issue 13, methods-spec 13.2), and the rule that gives every block's counts:
 
@@ -15,13 +16,16 @@ Where tokens are reduced (issue 13, methods-spec 13.2), and the rule that gives 
 
   - **physical** (PVT v1's last stage: ratio r = 1, global attention, a class token, no grid after it): pruned
     tokens are removed, exactly the ViT recipe. Every supported method runs here.
-  - **keep-the-grid** (every other stage: PVT's spatial-reduction conv, CvT's depthwise conv projections, and the
-    next stage's patch embedding need the full H x W grid): the live tokens run q, the attention rows, proj and
+  - **keep-the-grid** (every other stage, and every stage of PVT v2: PVT's spatial-reduction conv, CvT's depthwise
+    conv projections, PVT v2's depthwise conv inside the MLP, and the next stage's patch embedding need the full
+    H x W grid): the live tokens run q, the attention rows, proj and
     the MLP; pruned slots keep the value they had when pruned (frozen), and the dense grid (live values
     scattered back over the frozen ones) feeds norm1, the SR / conv K-V branch and the stage exit. Only query-side
     work shrinks. Policies whose scores need a key per token (class attention) or that add tokens without a slot
     (EViT's fused token, ToMe's merges) cannot run here: the learned predictor (DynamicViT, dTPS) and random
-    pruning can, with drop or squeeze.
+    pruning can, with drop or squeeze. PVT v2's MLP runs fc1 and fc2 on the live tokens only, its depthwise conv
+    densely over a hidden grid whose pruned slots are zero (`patch_hier`'s docstring). PVT v2 has no class token, so
+    M_s is the whole grid (3136 / 784 / 196 / 49 at 224).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from .config import OPTIONAL_DEFAULTS, ReductionConfig
 from .schedule import Stage, TokenSchedule, check_merge_r, token_schedule
 
 #: hierarchical families token reduction supports, and the methods it runs on them
-HIER_FAMILIES = ("pvt_v1", "cvt")
+HIER_FAMILIES = ("pvt_v1", "cvt", "pvt_v2")
 HIER_METHODS = ("dtps", "dynamicvit", "etps", "evit", "topk", "tome", "random")
 #: policies and treatments the keep-the-grid form can run (a score per live token, no token without a slot)
 GRID_POLICIES = ("predictor", "random")
@@ -96,8 +100,8 @@ def check_hier_config(config: ReductionConfig, stages: tuple[HierStageTokens, ..
     depth = sum(s.depth for s in stages)
     if family not in HIER_FAMILIES:
         title = _FAMILY_TITLES.get(family, family)
-        raise ValueError(f"model: token reduction on hierarchical backbones supports PVT v1 (pvt_t, pvt_s) and CvT "
-                         f"(cvt_13, cvt_21); {title} is not supported yet")
+        raise ValueError(f"model: token reduction on hierarchical backbones supports PVT v1 (pvt_t, pvt_s), PVT v2 "
+                         f"(pvt_v2_b0..b5) and CvT (cvt_13, cvt_21); {title} is not supported yet")
     config.validate(depth)
     spec = config.spec
     if spec is None:

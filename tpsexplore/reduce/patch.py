@@ -422,14 +422,18 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
     A config without a recorded geometry (a plain ReductionConfig) applies as it is; a different backbone name
     on the same geometry gives a warning. Re-applying replaces the previous reduction.
     """
-    config, expected_backbone, searched, cost = _coerce_config(config)
+    data = _deployment_data(config)
+    config, expected_backbone, searched, cost = _coerce_config(config if data is None else data)
     if not isinstance(model, VisionTransformer):
-        from .patch_hier import apply_hier, is_hierarchical_model
+        from .patch_hier import apply_hier, check_stage_geometry, is_hierarchical_model
 
-        if is_hierarchical_model(model):  # PVT v1 and CvT (Swin, PVT v2 refused there): reduce/patch_hier.py
+        if is_hierarchical_model(model):  # PVT v1/v2, CvT (reduce/patch_hier.py), Swin (patch_swin.py)
+            if searched is not None:
+                check_stage_geometry(model, data["geometry"], adapt)
+            _warn_backbone(model, expected_backbone)
             return apply_hier(model, config, track_sources)
         raise ValueError(f"model: {type(model).__name__} is not a timm VisionTransformer or a supported "
-                         "hierarchical backbone (PVT v1, CvT)")
+                         "hierarchical backbone (PVT v1, PVT v2, CvT, Swin)")
     _check_supported(model)
     depth = len(model.blocks)
     p = model.num_prefix_tokens
@@ -454,12 +458,8 @@ def apply(model: VisionTransformer, config: ReductionConfig | dict | str | Path,
             adaptation.gmacs = float(gmacs(config))
             adaptation.baseline_gmacs = float(gmacs(ReductionConfig()))
         warnings.warn(adaptation.describe(), stacklevel=2)
-    elif expected_backbone:
-        actual_name = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
-            getattr(model, "default_cfg", {}).get("architecture")
-        if actual_name and actual_name != expected_backbone:
-            warnings.warn(f"backbone: the config was exported for {expected_backbone}, the model is {actual_name}",
-                          stacklevel=2)
+    else:
+        _warn_backbone(model, expected_backbone)
     if config.squeeze_feature != "full" and (getattr(model, "pos_embed", None) is None
                                              or getattr(model, "dynamic_img_size", False)):
         raise ValueError(f"squeeze_feature: {config.squeeze_feature!r} needs a learned position embedding of "
@@ -571,22 +571,40 @@ def _check_supported(model: VisionTransformer) -> None:
         raise ValueError("model: attention-pool heads are not supported")
 
 
+def _warn_backbone(model: torch.nn.Module, expected_backbone: str | None) -> None:
+    """Warn when a deployment config exported for one backbone name is applied to a model of another name."""
+    if not expected_backbone:
+        return
+    actual_name = getattr(getattr(model, "tps_backbone", None), "timm_name", None) or \
+        (getattr(model, "default_cfg", None) or {}).get("architecture")
+    if actual_name and actual_name != expected_backbone:
+        warnings.warn(f"backbone: the config was exported for {expected_backbone}, the model is {actual_name}",
+                      stacklevel=3)
+
+
+def _deployment_data(config) -> dict[str, Any] | None:
+    """The parsed dict of whatever `apply` was given (a dict, JSON text or a JSON file), None for a
+    ReductionConfig."""
+    if isinstance(config, ReductionConfig):
+        return None
+    if isinstance(config, dict):
+        return config
+    text = str(config)
+    source = "config"
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: {text!r} does not exist")
+        text, source = path.read_text(), text
+    return parse_json(text, source)
+
+
 def _coerce_config(config) -> tuple[ReductionConfig, str | None, Geometry | None, dict[str, float]]:
     """(config, backbone name, searched geometry, searched costs) of whatever `apply` was given; the last three
     only for a deployment config (a dict with ``reduction``)."""
-    if isinstance(config, ReductionConfig):
+    data = _deployment_data(config)
+    if data is None:
         return config, None, None, {}
-    if isinstance(config, dict):
-        data = config
-    else:
-        text = str(config)
-        source = "config"
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise FileNotFoundError(f"config: {text!r} does not exist")
-            text, source = path.read_text(), text
-        data = parse_json(text, source)
     backbone, geometry, cost = None, None, {}
     if isinstance(data.get("reduction"), dict):
         backbone = (data.get("backbone") or {}).get("timm_name") if isinstance(data.get("backbone"), dict) \

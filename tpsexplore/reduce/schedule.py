@@ -133,6 +133,8 @@ def token_schedule(config: ReductionConfig, num_patches: int = 196, num_prefix: 
                    depth: int = 12) -> TokenSchedule:
     """Per-block (attention tokens, MLP tokens) for ``config`` on a ViT with the given geometry."""
     config.validate(depth)
+    if config.swin_form != "auto":
+        raise ValueError(f"swin_form: {config.swin_form!r} applies only to Swin backbones; allowed here: 'auto'")
     m = num_patches  # non-prefix tokens alive
     blocks: list[tuple[int, int]] = []
     stages: list[Stage] = []

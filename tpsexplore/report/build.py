@@ -98,7 +98,8 @@ def provenance(data: StudyData, envs: dict[int, dict[str, Any]]) -> list[tuple[s
     m = data.manifest
     bb = data.backbone_description()
     geo = ", ".join(f"{k}={bb[k]}" for k in ("img_size", "patch_size", "num_classes", "depth", "embed_dim",
-                                                   "num_heads") if bb.get(k) is not None)
+                                                   "num_heads", "embed_dims", "depths", "mlp_ratios", "sr_ratios",
+                                                   "window_size") if bb.get(k) is not None)
     d = data.data
     bits = [m.data.kind] + [f"{k}={d[k]}" for k in ("source", "path", "num_classes", "n_train", "n_val", "img_size",
                                                      "num_patches") if d.get(k) is not None]
@@ -496,7 +497,7 @@ def _keep_maps_figure(data: StudyData, n_images: int, n_configs: int) -> tuple[F
     from .export import trial_config
     from .images import study_images
     from .keepmaps import compute_keep_maps, plot_keep_maps
-    from .model import build_model
+    from .model import build_model, is_hierarchical_backbone
 
     df = data.trials
     pool = df[df["within_budget"]]
@@ -512,6 +513,9 @@ def _keep_maps_figure(data: StudyData, n_images: int, n_configs: int) -> tuple[F
         backbone = data.backbone_description()
     except ValueError as e:
         return None, str(e)
+    if is_hierarchical_backbone(backbone):
+        return None, (f"they show which patch tokens of a ViT's single grid each stage keeps; {backbone['name']} is "
+                      "a hierarchical backbone (a new token grid per stage), which they do not map")
     base_ckpt = _base_checkpoint(data)
     maps, weight_notes, images = [], [], None
     for r in picked:

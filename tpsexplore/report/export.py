@@ -2,11 +2,13 @@
 
     {"format": "tpsexplore-deployment/1",
      "reduction": {...ReductionConfig...},
-     "backbone": {"name", "timm_name", "img_size", "patch_size", "num_classes", ...},
+     "backbone": {"name", "timm_name", "img_size", "patch_size", "num_classes", ...}  (a hierarchical backbone's:
+                 every [model] override the study built it with, `report.model.backbone_description`),
      "measurements": {"gmacs@analytic": {"value": 0.18, "unit": "GMACs", "fidelity": "analytic", ...}, ...},
      "tokens": [[attention tokens, MLP tokens] per block, on the backbone's geometry],
      "geometry": {"num_patches", "num_prefix", "depth", "width", "img_size", ...}  (the manifest's: what the
-                 trial was searched on; `apply` refuses another geometry unless adapt=True),
+                 trial was searched on; `apply` refuses another geometry unless adapt=True; a hierarchical
+                 backbone adds "family" and "stages", `reduce.patch_hier.stage_geometry`, which `apply` checks),
      "gmacs": trial's analytic GMACs on that geometry, "baseline_gmacs": the unreduced baseline's (manifest),
      "proxy": true when the accuracies were measured on the offline proxy task, false on real data,
      "weights": {"path", "sha256", "bytes"} or null (the study kept no weights for the trial),
@@ -46,7 +48,8 @@ from ..reduce import ReductionConfig, token_schedule
 from ..reduce.config import parse_json
 from .frame import StudyData, open_study, runtime_columns
 from .frame import trial_config as stored_config
-from .model import backbone_geometry, build_model, with_weight_geometry
+from ..reduce.patch_hier import hier_schedule_of, stage_geometry
+from .model import backbone_geometry, build_model, is_hierarchical_backbone, meta_model, with_weight_geometry
 
 FORMAT = "tpsexplore-deployment/1"
 PICK_RULES = ("max-accuracy", "recommended")
@@ -211,12 +214,19 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
     backbone = data.backbone_description()
     measurements, hardware, versions = trial_measurements(data, int(row["trial_id"]))
     weights = data.weights_path(int(row["number"]))
-    if weights is not None and not all(backbone.get(k) for k in ("img_size", "patch_size", "num_classes")):
-        backbone = with_weight_geometry(backbone, weights)
-    geo = backbone_geometry(backbone)
-    sched = token_schedule(config, geo.num_patches, geo.num_prefix, geo.depth)
-    tokens = [list(b) for b in sched.blocks]
     m = data.manifest
+    geometry = asdict(m.geometry)
+    if is_hierarchical_backbone(backbone):  # PVT v1/v2, CvT, Swin: per-block tokens of the stage-wise schedule
+        model = meta_model(backbone)
+        geo = backbone_geometry(backbone)
+        tokens = [list(b) for b in hier_schedule_of(model, config).counts()]
+        geometry.update(stage_geometry(model))  # what `apply` checks on load, beside the manifest's fields
+    else:
+        if weights is not None and not all(backbone.get(k) for k in ("img_size", "patch_size", "num_classes")):
+            backbone = with_weight_geometry(backbone, weights)
+        geo = backbone_geometry(backbone)
+        sched = token_schedule(config, geo.num_patches, geo.num_prefix, geo.depth)
+        tokens = [list(b) for b in sched.blocks]
     root = Path(data.root).resolve() if data.root else None
     entry = None
     if weights is not None:  # the study's own file, named relative to the study folder
@@ -229,7 +239,7 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
         "backbone": backbone,
         "measurements": measurements,
         "tokens": tokens,
-        "geometry": asdict(m.geometry),
+        "geometry": geometry,
         "gmacs": analytic_macs(config, geo).gmacs,
         "baseline_gmacs": m.budget.baseline_gmacs,
         "proxy": bool(m.data.is_proxy),
@@ -355,10 +365,19 @@ def _export_model_file(model: Any, out: str | os.PathLike[str], format: str, bat
     """Write ``model`` to ``out`` in ``format`` (atomically, by `tpsexplore.deploy`); its ``"model"`` entry."""
     from .. import deploy
 
-    path = deploy.export_model(model, out, format, batch_size=batch)
+    try:
+        path = deploy.export_model(model, out, format, batch_size=batch)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an exporter that cannot take this reduced form: one line, no file
+        raise ValueError(f"format: {format} cannot export trial {cfg.get('trial')} ({cfg.get('label')!r} on "
+                         f"{cfg['backbone'].get('timm_name')}): {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}; allowed: another --format "
+                         f"({', '.join(f for f in deploy.FORMATS if f != format)}), or no --format (the deployment "
+                         "config, applied in eager PyTorch by tpsexplore.load_deployment)") from None
     details = ((cfg.get("study") or {}).get("data") or {}).get("details") or {}
     size = int(cfg["backbone"].get("img_size") or cfg["geometry"]["img_size"])
-    channels = int(model.patch_embed.proj.in_channels)
+    channels = deploy.input_shape(model)[0]
     entry = {
         "path": Path(path).name,  # beside the config
         "format": format,

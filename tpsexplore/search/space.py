@@ -8,7 +8,11 @@ Parametrisation (every name has one fixed distribution for the whole study, so T
   ``topk+squeeze`` is eTPS, so those are searched once, under the named method. Listing a combination in
   ``--methods`` searches it under its own name.
 * keep-ratio variants: ``n_stages`` in 1..max_stages, ``first`` in [0, 1] (relative: mapped onto
-  0..first_max of that variant, the latest block at which the variant can still meet the budget),
+  first_min..first_max of that variant; first_max is the latest block at which the variant can still meet the
+  budget, first_min the first block from which it can run in every later block: 0 on the ViTs and for the grid
+  methods (dTPS, DynamicViT, random) on the hierarchical backbones, the last stage's first block for the
+  class-attention methods (eTPS, EViT, Top-K) on PVT v1, which exclude them on CvT and PVT v2; ToMe merges in
+  PVT v1's last stage only and is excluded on CvT and PVT v2),
   ``gap`` in 1..gap_max (stages at first, first+gap, ...; repaired to fit the depth), raw keep ratios
   ``keep_i`` and ``fill`` in [fill_min, 1]. The raw keep ratios give the *shape* of the schedule; they are
   raised to one common power s (k_i = max(floor, raw_i ** s)) chosen by bisection on the analytic count so
@@ -44,6 +48,7 @@ from typing import Any
 from ..measure.flops import ViTGeometry, analytic_macs, analytic_params
 from ..reduce.config import SIMILARITY_METRICS, SIZE_POLICIES, ReductionConfig
 from ..reduce.methods import METHODS, RATIO_RULES, MethodSpec, get_method
+from ..reduce.swin_schedule import SIMILARITY_METRICS_SWIN
 
 PAPER_LOCATIONS = ((3, 6, 9),)
 PAPER_KEEP = 0.7
@@ -287,6 +292,7 @@ class SearchSpace:
         self.baseline_gmacs = analytic_macs(ReductionConfig(), geometry).gmacs
         self.budget_gmacs = self.budget * self.baseline_gmacs
         self.first_max: dict[str, int] = {}
+        self.first_min: dict[str, int] = {}
         self.excluded: dict[str, str] = {}
         kept: list[Variant] = []
         for v in variants:
@@ -309,6 +315,11 @@ class SearchSpace:
                 raise ValueError(f"space.grid_locations: none fits a {self.depth}-block model with at most "
                                  f"{self.max_stages} stages")
 
+    @property
+    def _swin(self) -> bool:
+        """True on a Swin backbone, whose similarity pruning takes fewer options (`reduce.swin_schedule`)."""
+        return getattr(self.geometry, "family", "") == "swin"
+
     # ------------------------------------------------------------------ analytic cost
     def cost(self, config: ReductionConfig) -> float:
         """Analytic GMACs of ``config`` (batch 1, eval path)."""
@@ -325,9 +336,11 @@ class SearchSpace:
             cheapest = self.cost(ReductionConfig("tome", r=2 * self.geometry.num_patches, r_inflection=-1.0))
         else:
             best = -1
-            hier = not isinstance(self.geometry, ViTGeometry)  # a reduction acts within its stage (PVT v1, CvT):
-            for f in range(self.depth):  # there the cheapest shape from f spreads its stages over the blocks
-                locs = self._locations(f, self.gap_max, self.max_stages) if hier else (f,)
+            hier = not isinstance(self.geometry, ViTGeometry)  # a reduction acts within its stage (PVT, CvT):
+            lo = self._first_min(v) if hier else 0
+            self.first_min[v.key] = lo
+            for f in range(lo, self.depth):  # there the cheapest shape from f spreads its stages over the blocks
+                locs = self._locations(f, self.gap_max, self.max_stages, lo) if hier else (f,)
                 if self.cost(self._floor_config(v, locs)) <= self.budget_gmacs:
                     best = f
                 else:
@@ -335,13 +348,27 @@ class SearchSpace:
             self.first_max[v.key] = best
             if best >= 0:
                 return ""
-            first = self._locations(0, self.gap_max, self.max_stages) if hier else (0,)
+            first = self._locations(lo, self.gap_max, self.max_stages, lo) if hier else (0,)
             cheapest = self.cost(self._floor_config(v, first))
         if cheapest <= self.budget_gmacs:
             return ""
         extra = " (attention rollout runs a full scoring pass first)" if v.spec.policy == "rollout" else ""
         return (f"cheapest config costs {cheapest / self.baseline_gmacs:.3f} x baseline GFLOPs > budget "
                 f"{self.budget:g}{extra}")
+
+    def _first_min(self, v: Variant) -> int:
+        """The first block from which ``v`` can reduce at every later block (a hierarchical backbone's stages
+        allow different methods); the backbone's refusal (one line) when it can reduce at none."""
+        lo = None
+        for b in range(self.depth - 1, -1, -1):
+            try:
+                self.cost(self._floor_config(v, (b,)))
+            except ValueError:
+                if lo is None:
+                    raise
+                break
+            lo = b
+        return lo
 
     # ------------------------------------------------------------------ config building
     def _config(self, v: Variant, locations: tuple[int, ...], keeps: tuple[float, ...],
@@ -443,13 +470,15 @@ class SearchSpace:
         cfg = build(hi)
         return cfg, self.cost(cfg), f"r={hi}: smallest r fitting the target"
 
-    def _locations(self, first: int, gap: int, n: int) -> tuple[int, ...]:
-        """first, first+gap, ... (n stages), repaired to lie within the depth (gap shrinks, then first)."""
+    def _locations(self, first: int, gap: int, n: int, lo: int = 0) -> tuple[int, ...]:
+        """first, first+gap, ... (n stages), repaired to lie within blocks lo..depth-1 (at most one stage per
+        block; gap shrinks, then first)."""
         last = self.depth - 1
+        n = max(1, min(n, last - lo + 1))
         if n > 1 and first + (n - 1) * gap > last:
             gap = max(1, (last - first) // (n - 1))
         if first + (n - 1) * gap > last:
-            first = max(0, last - (n - 1) * gap)
+            first = max(lo, last - (n - 1) * gap)
         return tuple(first + i * gap for i in range(n))
 
     # ------------------------------------------------------------------ sampling
@@ -474,9 +503,10 @@ class SearchSpace:
         else:
             n = trial.suggest_int("n_stages", 1, self.max_stages) if self.max_stages > 1 else 1
             rel = trial.suggest_float("first", 0.0, 1.0)
-            first = int(round(rel * self.first_max[key]))
+            lo = self.first_min.get(key, 0)
+            first = lo + int(round(rel * (self.first_max[key] - lo)))
             gap = trial.suggest_int("gap", 1, self.gap_max) if n > 1 and self.gap_max > 1 else 1
-            locations = self._locations(first, gap, n)
+            locations = self._locations(first, gap, n, lo)
         lo, hi = self.settings.keep_range
         raw = tuple(trial.suggest_float(f"keep_{i}", lo, hi) for i in range(len(locations)))
         cfg, cost, note = self._scaled_keeps(v, locations, raw, options, target)
@@ -489,10 +519,13 @@ class SearchSpace:
             opts["sim_placement"] = trial.suggest_categorical("sim_placement", ["pre", "layerwise"]) \
                 if s.sample_options or not s.grid else "layerwise"
             if s.sample_options:
-                opts["sim_with_pos"] = trial.suggest_categorical("sim_with_pos", [False, True])
-                if s.diversity_max > 0:
+                swin = self._swin  # Swin: no position embedding, equal counts per window instead of diversity
+                if not swin:
+                    opts["sim_with_pos"] = trial.suggest_categorical("sim_with_pos", [False, True])
+                if s.diversity_max > 0 and not swin:
                     opts["diversity"] = round(trial.suggest_float("diversity", 0.0, s.diversity_max), 3)
-                opts["similarity_metric"] = trial.suggest_categorical("similarity_metric", list(SIMILARITY_METRICS))
+                opts["similarity_metric"] = trial.suggest_categorical(
+                    "similarity_metric", list(SIMILARITY_METRICS_SWIN if swin else SIMILARITY_METRICS))
         if v.effective_treatment == "squeeze" and s.sample_options and s.temperature_range[0] < s.temperature_range[1]:
             opts["temperature"] = round(trial.suggest_float("temperature", *s.temperature_range, log=True), 3)
         if v.effective_treatment == "squeeze" and s.sample_options and isinstance(self.geometry, ViTGeometry):
@@ -562,7 +595,7 @@ class SearchSpace:
             p: dict[str, Any] = {"method": v.key}
             if v.spec.policy == "similarity":
                 p["sim_placement"] = "pre"
-                if self.settings.sample_options:
+                if self.settings.sample_options and not self._swin:
                     p["sim_with_pos"] = False
                     if self.settings.diversity_max > 0:
                         p["diversity"] = 0.0
@@ -583,9 +616,10 @@ class SearchSpace:
                 p["keep"] = PAPER_KEEP if PAPER_KEEP in self.settings.grid_keep_ratios \
                     else self.settings.grid_keep_ratios[-1]
             else:
+                f0 = max(first, self.first_min.get(v.key, 0))  # the paper's first block where v can run
                 if self.settings.fill_min < 1.0:
                     # the paper's own cost when it fits the budget, else the whole budget
-                    paper = self.cost(self._paper_config(v, first, gap)) / self.budget_gmacs
+                    paper = self.cost(self._paper_config(v, f0, gap)) / self.budget_gmacs
                     p["fill"] = min(1.0, max(self.settings.fill_min, math.ceil(paper * 1e4) / 1e4))
                 if v.spec.policy == "merge":
                     p["r_inflection"] = 0.0
@@ -603,7 +637,7 @@ class SearchSpace:
                         p["gap"] = gap
                     for i in range(n):
                         p[f"keep_{i}"] = PAPER_KEEP
-                    p["first"] = self._default_first(v, p, first)
+                    p["first"] = self._default_first(v, p, f0)
             out.append(p)
         return out
 
@@ -615,18 +649,19 @@ class SearchSpace:
         if v.spec.policy in ("similarity", "random", "rollout"):
             return self._config(v, (0,), (PAPER_KEEP,), {"sim_placement": "pre"})
         n = min(3, self.max_stages)
-        return self._config(v, self._locations(first, gap, n), (PAPER_KEEP,) * n, {})
+        locations = self._locations(first, gap, n, self.first_min.get(v.key, 0))
+        return self._config(v, locations, (PAPER_KEEP,) * len(locations), {})
 
     def _default_first(self, v: Variant, params: dict[str, Any], paper_first: int) -> float:
         """The relative ``first`` of a default: the paper's first block, moved earlier (as the TPS paper
         does for its 35% budgets, e.g. keep 0.5 at [1, 4, 7]) while the budget would squeeze the keep ratio
         below 0.5."""
-        fm = self.first_max[v.key]
-        if fm <= 0:
+        fm, lo = self.first_max[v.key], self.first_min.get(v.key, 0)
+        if fm <= lo:
             return 0.0
         rel = 0.0
-        for f in range(min(paper_first, fm), -1, -1):
-            rel = f / fm
+        for f in range(min(paper_first, fm), lo - 1, -1):
+            rel = (f - lo) / (fm - lo)
             if self.settings.grid:
                 break
             cand = self.suggest(_Fixed({**params, "first": rel}))
@@ -646,6 +681,7 @@ class SearchSpace:
     def describe(self) -> dict[str, Any]:
         """JSON summary for study.json."""
         return {"variants": [v.key for v in self.variants], "excluded": dict(self.excluded),
-                "first_max": dict(self.first_max), "gap_max": self.gap_max, "max_stages": self.max_stages,
+                "first_max": dict(self.first_max), "first_min": dict(self.first_min), "gap_max": self.gap_max,
+                "max_stages": self.max_stages,
                 "baseline_gmacs": self.baseline_gmacs, "budget_gmacs": self.budget_gmacs,
                 "settings": self.settings.to_dict()}

@@ -34,7 +34,7 @@ from .space import SpaceSettings, resolve_variants
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,120}$")
 MODEL_KEYS = ("img_size", "patch_size", "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio",
-              "in_chans", "embed_dims", "depths", "mlp_ratios", "sr_ratios")
+              "in_chans", "embed_dims", "depths", "mlp_ratios", "sr_ratios", "window_size")
 #: per-stage overrides of the hierarchical backbones (PVT v1, CvT: one value per stage; num_heads too)
 STAGE_MODEL_KEYS = ("embed_dims", "depths", "mlp_ratios", "sr_ratios")
 

@@ -145,16 +145,15 @@ class Task:
 
     # ------------------------------------------------------------------ setup
     def _meta_geometry(self) -> ViTGeometry:
-        """The backbone's `ViTGeometry`, or a `hier_flops.HierGeometry` for PVT v1 / CvT (issue 13), read on `meta`."""
-        import timm
+        """The backbone's `ViTGeometry`, or a `hier_flops.HierGeometry` for a hierarchical one (issue 13), read on
+        `meta`."""
+        from ..backbones import build_timm_model, is_hierarchical_name, resolve_name, vit_name
 
-        from ..backbones import is_project_model, resolve_name, vit_name
-
-        hier = is_project_model(self.settings.backbone)  # PVT v1, CvT: token reduction takes them
+        hier = is_hierarchical_name(self.settings.backbone)  # PVT v1/v2, CvT: token reduction takes them
         name = resolve_name(self.settings.backbone) if hier else vit_name(self.settings.backbone)  # else: one line
         try:
             with torch.device("meta"):
-                model = timm.create_model(name, pretrained=False, **self.model_kwargs)
+                model = build_timm_model(name, **self.model_kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
             raise ValueError(f"model: {self.model_kwargs} cannot build {name}: {' '.join(str(e).split())[:200]}") \
                 from None
