@@ -192,3 +192,22 @@ def test_bad_input_is_one_line():
     with pytest.raises(ValueError, match=r"^img_size: \(64, 64\) differs from the \(224, 224\)"):
         with torch.device("meta"):
             hier_geometry_from_model(build_timm_model("pvt_v1_tiny"), img_size=64)
+
+
+def test_proxy_canvas_per_family():
+    """PVT (v1, v2) trains on a 64 px proxy canvas (its last stage keeps a 2 x 2 grid), the others on 56 px; a
+    study that sets img_size keeps it."""
+    import torch
+
+    from tpsexplore.measure.data import PROXY_IMG_SIZE, PROXY_IMG_SIZE_PVT, proxy_img_size
+    from tpsexplore.search.spec import build_settings
+    from tpsexplore.search.task import Task
+
+    assert (proxy_img_size("pvt_t"), proxy_img_size("pvt_v2_b1")) == (PROXY_IMG_SIZE_PVT,) * 2 == (64, 64)
+    assert proxy_img_size("swin_t") == proxy_img_size("cvt_13") == proxy_img_size("deit_t") == PROXY_IMG_SIZE
+    cpu = torch.device("cpu")
+    task = Task(build_settings({}, {"backbone": "pvt_t"}), cpu)
+    assert task.proxy_cfg.img_size == 64 and task.model_kwargs["img_size"] == 64
+    assert [s.num_spatial for s in task.geometry.stages][-1] == 4  # the last stage's 2 x 2 grid
+    assert "64x64 pvt_v1_tiny's own stage grids" in task.data_description
+    assert Task(build_settings({"proxy": {"img_size": 56}}, {"backbone": "pvt_t"}), cpu).proxy_cfg.img_size == 56

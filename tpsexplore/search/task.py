@@ -101,6 +101,10 @@ class Task:
             geo = {k: model_kw.pop(k) for k in _PROXY_FROM_MODEL if k in model_kw}
             model_kw.pop("num_classes", None)
             proxy_kw = {**settings.proxy, **geo}
+            if "img_size" not in proxy_kw:
+                from ..measure.data import proxy_img_size
+
+                proxy_kw["img_size"] = proxy_img_size(settings.backbone)
             proxy_kw["model_kwargs"] = {**proxy_kw.get("model_kwargs", {}), **model_kw}
             try:
                 self.proxy_cfg = ProxyConfig(**{**proxy_kw, "device": str(device)})
@@ -133,10 +137,10 @@ class Task:
             from ..measure.train import default_cache_dir, proxy_cache_path
 
             cache = proxy_cache_path(settings.backbone, settings.seed, default_cache_dir(), self.proxy_cfg)
+            grid = (f"patch {self.proxy_cfg.patch_size} ({self.geometry.num_patches} patches)"
+                    if isinstance(self.geometry, ViTGeometry) else f"{self.geometry.name}'s own stage grids")
             self.data_description = (f"proxy: {PROXY_TITLES[self.proxy_cfg.proxy]} {self.proxy_cfg.img_size}x"
-                                     f"{self.proxy_cfg.img_size} patch "
-                                     f"{self.proxy_cfg.patch_size} ({self.geometry.num_patches} patches), seed "
-                                     f"{settings.seed}")
+                                     f"{self.proxy_cfg.img_size} {grid}, seed {settings.seed}")
             self.weights_description = f"proxy-pretrained (cache {cache.name})"
         else:
             self.data_description = f"real: {settings.data}"
