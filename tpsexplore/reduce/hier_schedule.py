@@ -66,8 +66,24 @@ def is_physical(family: str, sr_ratio: int, num_prefix: int) -> bool:
     return family == "pvt_v1" and sr_ratio == 1 and num_prefix > 0
 
 
+class StagedBlocks:
+    """What the hierarchical schedules (`HierSchedule`, `swin_schedule.SwinSchedule`) share: ``stages`` (each with
+    its global ``blocks``) and ``blocks``, (query tokens, MLP tokens) per global block."""
+
+    def stage_of(self, block: int) -> int:
+        """The stage holding global block ``block``; one-line ValueError outside the model."""
+        for i, st in enumerate(self.stages):
+            if block in st.blocks:
+                return i
+        raise ValueError(f"locations: block {block} is outside 0..{sum(s.depth for s in self.stages) - 1}")
+
+    def counts(self) -> list[tuple[int, int]]:
+        """(query tokens, MLP tokens) per global block, as `ReductionInfo.token_counts` reads them."""
+        return list(self.blocks)
+
+
 @dataclass(frozen=True)
-class HierSchedule:
+class HierSchedule(StagedBlocks):
     """Per global block (query tokens, MLP tokens), the reduction steps (``Stage.block`` global), and per model
     stage the `TokenSchedule` of its own tokens (``None`` where nothing is reduced)."""
 
@@ -83,16 +99,6 @@ class HierSchedule:
         """Tokens leaving the last block (physical stage: after its removals; grid form: every slot)."""
         last = self.stages[-1]
         return self.blocks[-1][1] if last.physical else last.num_spatial + last.num_prefix
-
-    def stage_of(self, block: int) -> int:
-        for i, st in enumerate(self.stages):
-            if block in st.blocks:
-                return i
-        raise ValueError(f"locations: block {block} is outside 0..{sum(s.depth for s in self.stages) - 1}")
-
-    def counts(self) -> list[tuple[int, int]]:
-        """(query tokens, MLP tokens) per global block, as `ReductionInfo.token_counts` reads them."""
-        return list(self.blocks)
 
 
 def check_hier_config(config: ReductionConfig, stages: tuple[HierStageTokens, ...], family: str) -> None:

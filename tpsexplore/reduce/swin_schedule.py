@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 from .config import OPTIONAL_DEFAULTS, ReductionConfig
+from .hier_schedule import StagedBlocks
 from .schedule import Stage, token_schedule
 
 _EPS = 1e-6
@@ -90,7 +91,7 @@ class SwinStageTokens:
 
 
 @dataclass(frozen=True)
-class SwinSchedule:
+class SwinSchedule(StagedBlocks):
     """Per global block: (tokens through attention, tokens through the full MLP), and the tokens kept per window
     (``per_window``: the window form; the window area where a block runs every token); the reduction steps
     (``Stage.block`` global; ``before``/``after`` are the stage's tokens, ``kept`` those through the full MLP or
@@ -107,15 +108,6 @@ class SwinSchedule:
     @property
     def final_tokens(self) -> int:
         return self.stages[-1].num_spatial
-
-    def stage_of(self, block: int) -> int:
-        for i, st in enumerate(self.stages):
-            if block in st.blocks:
-                return i
-        raise ValueError(f"locations: block {block} is outside 0..{sum(s.depth for s in self.stages) - 1}")
-
-    def counts(self) -> list[tuple[int, int]]:
-        return list(self.blocks)
 
 
 def swin_form(config: ReductionConfig) -> str:
