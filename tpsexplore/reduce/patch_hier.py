@@ -35,7 +35,7 @@ from torch import nn
 from ..models import ConvolutionalVisionTransformer, PyramidVisionTransformerV1
 from . import ops
 from .config import ReductionConfig
-from .hier_schedule import HierStageTokens, check_hier_merge_r, hier_token_schedule, is_physical
+from .hier_schedule import HierStageTokens, StagedBlocks, check_hier_merge_r, hier_token_schedule, is_physical
 from .modules import ReductionStage
 from .patch import ReductionInfo, TokenState, _coerce_config, _merge, _reduce_inter, _reduce_select
 
@@ -365,7 +365,7 @@ def _patched_class(cls: type) -> type:
 
 
 # ----------------------------------------------------------------------------- apply / remove
-def hier_schedule_of(model: nn.Module, config: ReductionConfig) -> Any:
+def hier_schedule_of(model: nn.Module, config: ReductionConfig) -> StagedBlocks:
     """The token schedule of ``config`` on ``model`` (validated; one-line ValueError when it cannot run): a
     `HierSchedule` (PVT v1/v2, CvT) or Swin's (`patch_swin.swin_schedule_of`); ``.counts()`` gives (query
     tokens, MLP tokens) per global block."""
