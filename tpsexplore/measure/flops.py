@@ -112,6 +112,18 @@ def _is_layer_norm(module: nn.Module | None) -> bool:
                      "allowed: LayerNorm or Identity")
 
 
+def model_geometry(model: nn.Module) -> Any:
+    """What `analytic_macs` counts a model on: its `ViTGeometry`, or a hierarchical backbone's (PVT v1/v2, CvT,
+    Swin) `hier_flops.HierGeometry`; any device, `meta` included."""
+    from ..backbones import is_hierarchical
+
+    if is_hierarchical(model):
+        from .hier_flops import hier_geometry_from_model
+
+        return hier_geometry_from_model(model)
+    return geometry_from_model(model)
+
+
 def geometry_from_model(model: nn.Module) -> ViTGeometry:
     """Read the geometry of a timm VisionTransformer (patched or not, on any device, `meta` included)."""
     from timm.layers import Attention, Mlp

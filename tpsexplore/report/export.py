@@ -43,7 +43,7 @@ from typing import Any
 import pandas as pd
 
 from ..manifest import StudyLayout, atomic_write
-from ..measure.flops import analytic_macs
+from ..measure.flops import analytic_macs, model_geometry
 from ..reduce import ReductionConfig, token_schedule
 from ..reduce.config import parse_json
 from .frame import StudyData, open_study, runtime_columns
@@ -218,7 +218,7 @@ def deployment_config(data: StudyData, row: pd.Series) -> dict[str, Any]:
     geometry = asdict(m.geometry)
     if is_hierarchical_backbone(backbone):  # PVT v1/v2, CvT, Swin: per-block tokens of the stage-wise schedule
         model = meta_model(backbone)
-        geo = backbone_geometry(backbone)
+        geo = model_geometry(model)
         tokens = [list(b) for b in hier_schedule_of(model, config).counts()]
         geometry.update(stage_geometry(model))  # what `apply` checks on load, beside the manifest's fields
     else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..backbones import (build_timm_model, create_backbone, is_hierarchical, is_hierarchical_name, read_state_dict,
+from ..backbones import (build_timm_model, create_backbone, is_hierarchical_name, read_state_dict,
                          resolve_name)
 from ..manifest import StudyManifest
 from ..reduce import ReductionConfig, apply
@@ -85,14 +85,9 @@ def meta_model(backbone: dict[str, Any]) -> torch.nn.Module:
 def backbone_geometry(backbone: dict[str, Any]) -> Any:
     """The `ViTGeometry` of a backbone description, or the `hier_flops.HierGeometry` of a hierarchical one (built on
     the meta device: no weights, no init cost). Either one is what `measure.flops.analytic_macs` counts on."""
-    model = meta_model(backbone)
-    if is_hierarchical(model):
-        from ..measure.hier_flops import hier_geometry_from_model
+    from ..measure.flops import model_geometry
 
-        return hier_geometry_from_model(model)
-    from ..measure.flops import geometry_from_model
-
-    return geometry_from_model(model)
+    return model_geometry(meta_model(backbone))
 
 
 def with_weight_geometry(backbone: dict[str, Any], weights: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..measure.data import DataSpec, TensorData, build_datasets
-from ..measure.flops import ViTGeometry, geometry_from_model
+from ..measure.flops import ViTGeometry, model_geometry
 from ..measure.train import FinetuneConfig, ProxyConfig, evaluate, finetune, proxy_backbone
 from ..stats import Accuracy, eval_set_fingerprint
 from .spec import SearchSettings
@@ -161,11 +161,7 @@ class Task:
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
             raise ValueError(f"model: {self.model_kwargs} cannot build {name}: {' '.join(str(e).split())[:200]}") \
                 from None
-        if hier:
-            from ..measure.hier_flops import hier_geometry_from_model
-
-            return hier_geometry_from_model(model)
-        return geometry_from_model(model)
+        return model_geometry(model)
 
     def prepare(self, progress: bool = True) -> None:
         """Pre-train (first time) or load the starting weights; build the data sets."""
