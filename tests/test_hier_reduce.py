@@ -180,24 +180,7 @@ def test_table2_configs_reach_the_papers_gmacs(name):
 def test_smoke_search_on_pvt(proxy_cache, tmp_path, one_torch_thread):
     """`tpsexplore search` on a tiny-width PVT v1 (studies/smoke_hier.toml): every trial runs, the hierarchical
     geometry and count reach the manifest and the results store."""
-    from pathlib import Path
+    from cli_run import smoke_search
 
-    from cli_run import run_cli
-
-    from tpsexplore.manifest import StudyLayout, read_manifest
-    from tpsexplore.storage import ResultsStore
-
-    study = Path(__file__).resolve().parents[1] / "studies" / "smoke_hier.toml"
-    rc, out, err = run_cli(["search", "--study", study, "--out", tmp_path])
-    assert rc == 0, err[-3000:]
-    folder = tmp_path / "smoke_hier"
-    manifest = read_manifest(StudyLayout(folder))
+    manifest, _, _ = smoke_search("smoke_hier", tmp_path, {"baseline", "dtps", "random", "tome"}, {"dtps"})
     assert manifest.backbone == "pvt_t" and manifest.geometry.num_patches == 256 and manifest.geometry.depth == 6
-    with ResultsStore(StudyLayout(folder).results_db) as store:
-        frame = store.trials_frame("smoke_hier")
-    assert len(frame) == 6
-    done = frame[frame["state"] == "complete"]
-    assert len(done) >= 4 and set(done["method"]) <= {"baseline", "dtps", "random", "tome"} and "dtps" in set(done["method"])
-    base = done.loc[done["method"] == "baseline", "gmacs@analytic"].iloc[0]
-    reduced = done.loc[done["method"] != "baseline", "gmacs@analytic"]
-    assert (reduced < 0.9 * base + 1e-9).all() and done["accuracy_top1@finetuned"].notna().all()
