@@ -79,7 +79,8 @@ def test_summary_names_the_cheaper_indistinguishable_trial(trials, tmp_path):
     # #1 (92.1%) is the most accurate within budget; #2 is 3 images below (p = 0.25): the cheaper #2 wins;
     # #3 is 21 below (p < 1e-4); #4 is over the budget and takes no part
     assert "trial 2: tome k0.34@3, 0.42 GMACs (0.34x baseline)" in lines[1]
-    assert "not distinguishable from the most accurate, trial 1" in text and "McNemar p=0.25" in text
+    assert "not distinguishable from the most accurate, trial 1" in text
+    assert "McNemar p=0.25 on the search's fine-tuned evaluation" in text  # which evaluations were compared
     # n = 1000: the interval is +-1.6 points, so whole percents; the paired difference is sharper: one decimal
     assert "baseline             : trial 0 (no reduction): 93% [91, 94] (n=1000)" in text
     assert "accuracy vs baseline : -1.2 pts [-2.0, -0.5], McNemar p=0.00049" in text
@@ -115,6 +116,24 @@ def test_summary_uses_confirmations_from_the_results_store(trials, tmp_path):
     assert "trial 1: etps" in lines[1] and "3 seeds" in text and "confirmed: mean over fine-tune seeds" in text
     records = records_from_trials(trials, "finetuned", confirmed={})
     assert recommend(records).chosen.number == 2  # without the confirmations the cheaper tie would win
+
+
+def test_confirmed_tie_says_which_evaluations_the_test_compared(trials, tmp_path):
+    """#2 confirms 1-2 images below #1 on each seed: still a tie, so the cheaper #2 is recommended, and the
+    headline says its McNemar test is on the confirmed seeds (the report's tables test the search's evaluation)."""
+    with ResultsStore(tmp_path / "results.db") as store:
+        study = store.get_or_create_study("s", backbone="deit_t", budget=0.5, objectives=["a:maximize"],
+                                          data="proxy", weights="random", settings={})
+        for number, counts in ((1, [921, 925, 923]), (2, [920, 924, 921])):
+            tid = store.start_trial(study, number, {"method": "x"}, method="x", label="x")
+            c = ConfirmedAccuracy((1, 2, 3), tuple(counts), N, "val-1000", tuple(bits(k) for k in counts))
+            store.add_measurements(tid, [{"kind": "accuracy_top1", "value": c.mean, "fidelity": "confirmed",
+                                          "extra": c.extra()}])
+            store.finish_trial(tid, "complete")
+    lines, _ = summarise_search(trials, "finetuned", tmp_path, "s", BASE_GMACS)
+    text = "\n".join(lines)
+    assert "trial 2: tome" in lines[1]
+    assert "McNemar p=0.12 on the confirmed seeds, paired seed by seed" in text  # 3,000 pairs, 4 images apart
 
 
 def test_recommendation_edge_cases(trials):

@@ -601,8 +601,8 @@ def test_headline_prefers_the_cheaper_of_indistinguishable_configs(tmp_path):
     assert list(df.loc[[0, 1, 2, 3], "recommended"]) == [False, False, True, False]
     # the tables say it too, with the interval and n
     shown = rep.pareto_display.set_index("trial")
-    assert shown.loc[2, "vs most accurate (exact McNemar)"] == "not distinguishable (p=0.5)"
-    assert shown.loc[3, "vs most accurate (exact McNemar)"].startswith("less accurate (p=")
+    assert shown.loc[2, "vs most accurate (exact McNemar, fine-tuned)"] == "not distinguishable (p=0.5)"
+    assert shown.loc[3, "vs most accurate (exact McNemar, fine-tuned)"].startswith("less accurate (p=")
     assert shown.loc[2, "recommended"] == "yes" and shown.loc[1, "top-1 % (fine-tuned) [95% CI]"] == "93 [90, 95]"
     # and the trade-off plot: error bars, trial numbers on the front, rings for the ties, the recommended square
     fig = next(f.figure for f in rep.figures if f.name == "accuracy_vs_gmacs")
@@ -686,7 +686,7 @@ def test_report_tables_show_intervals_n_and_flags(proxy_report: Path, proxy_stud
     for n in table["trial"]:
         cell = accuracy_cell(recs[int(n)].accuracy)
         assert f">{cell}</td>" in html and f"| {cell} |" in md
-    for text in ("top-1 % (fine-tuned) [95% CI]", "<th>n</th>", "vs most accurate (exact McNemar)", "GMACs",
+    for text in ("top-1 % (fine-tuned) [95% CI]", "<th>n</th>", "vs most accurate (exact McNemar, fine-tuned)", "GMACs",
                  "speed-up x [range]", "img/s at the reference baseline", "top-1 % (zero-shot) [95% CI]"):
         assert text in html, text
     # the speed flags of the trials timed under load (4) or beside a drifted baseline (6)

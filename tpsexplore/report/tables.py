@@ -84,6 +84,7 @@ def display_table(data: StudyData, rows: pd.DataFrame, meas: pd.DataFrame, *, en
     latency = paired and "paired_latency_ms" in rows.columns and rows["paired_latency_ms"].notna().any()
     out = []
     acc_title = f"top-1 % ({fidelity_name(fid)}) [95% CI]"
+    versus_title = f"vs most accurate (exact McNemar, {fidelity_name(fid)})"
     for _, r in rows.iterrows():
         n = int(r["number"])
         rec = recs.get(n)
@@ -92,7 +93,7 @@ def display_table(data: StudyData, rows: pd.DataFrame, meas: pd.DataFrame, *, en
             row["options"] = r.get("options")
         row[acc_title] = accuracy_cell(rec.accuracy if rec else None, r.get("accuracy"))
         row["n"] = "" if rec is None or rec.accuracy is None else str(rec.accuracy.n)
-        row["vs most accurate (exact McNemar)"] = versus_best(r, best)
+        row[versus_title] = versus_best(r, best)
         row["recommended"] = "yes" if bool(r.get("recommended")) else ""
         if any_confirmed:
             row["confirmed top-1 % (mean +- sd over seeds, range)"] = \

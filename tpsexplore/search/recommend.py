@@ -325,7 +325,8 @@ class Recommendation:
         else:
             test = self.test_of(c.number)
             why = (f"not distinguishable from the most accurate, trial {self.best.number} "
-                   f"({_accuracy_text(self.best, self.basis, short=True)}; McNemar {p_text(test.p_value)}), "
+                   f"({_accuracy_text(self.best, self.basis, short=True)}; McNemar {p_text(test.p_value)} "
+                   f"{_test_text(self.basis)}), "
                    f"and cheaper ({_cost_text(c.cost, baseline_gmacs)} vs {_cost_text(self.best.cost, baseline_gmacs)})")
         rows.append(("chosen because", why))
         if self.baseline is not None:
@@ -416,6 +417,13 @@ def _basis_text(basis: str | None) -> str:
     if basis in (None, "finetuned"):
         return "one fine-tune per trial, not confirmed with further seeds"
     return f"{str(basis).replace('_', '-')} accuracy, one evaluation per trial"
+
+
+def _test_text(basis: str | None) -> str:
+    """Which evaluations a paired test compared: the report's tables test the search's own evaluation."""
+    if basis == CONFIRMED:
+        return "on the confirmed seeds, paired seed by seed"
+    return f"on the search's {str(basis or 'finetuned').replace('finetuned', 'fine-tuned').replace('_', '-')} evaluation"
 
 
 def _accuracy_text(r: TrialRecord, basis: str | None, short: bool = False) -> str:
