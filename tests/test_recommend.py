@@ -100,18 +100,24 @@ def test_summary_names_the_cheaper_indistinguishable_trial(trials, tmp_path):
     assert "92 [90, 93]" in row2 and "~ (p=0.25)" in row2 and re.search(r"\s87\s", row2)
 
 
-def test_summary_uses_confirmations_from_the_results_store(trials, tmp_path):
-    """Confirmed numbers win: here #2 confirms well below #1 (p < 0.05 seed by seed), so #1 is recommended."""
+def confirm_store(tmp_path, second: list[int]):
+    """A results store where trials #1 and #2 were confirmed over seeds 1-3 (#1 right on 921, 925, 923 of N
+    images, #2 on ``second``); returns its folder."""
     with ResultsStore(tmp_path / "results.db") as store:
         study = store.get_or_create_study("s", backbone="deit_t", budget=0.5, objectives=["a:maximize"],
                                           data="proxy", weights="random", settings={})
-        for number, counts in ((1, [921, 925, 923]), (2, [918, 905, 904])):
+        for number, counts in ((1, [921, 925, 923]), (2, second)):
             tid = store.start_trial(study, number, {"method": "x"}, method="x", label="x")
             c = ConfirmedAccuracy((1, 2, 3), tuple(counts), N, "val-1000", tuple(bits(k) for k in counts))
             store.add_measurements(tid, [{"kind": "accuracy_top1", "value": c.mean, "fidelity": "confirmed",
                                           "extra": c.extra()}])
             store.finish_trial(tid, "complete")
-    lines, _ = summarise_search(trials, "finetuned", tmp_path, "s", BASE_GMACS)
+    return tmp_path
+
+
+def test_summary_uses_confirmations_from_the_results_store(trials, tmp_path):
+    """Confirmed numbers win: here #2 confirms well below #1 (p < 0.05 seed by seed), so #1 is recommended."""
+    lines, _ = summarise_search(trials, "finetuned", confirm_store(tmp_path, [918, 905, 904]), "s", BASE_GMACS)
     text = "\n".join(lines)
     assert "trial 1: etps" in lines[1] and "3 seeds" in text and "confirmed: mean over fine-tune seeds" in text
     records = records_from_trials(trials, "finetuned", confirmed={})
@@ -121,16 +127,7 @@ def test_summary_uses_confirmations_from_the_results_store(trials, tmp_path):
 def test_confirmed_tie_says_which_evaluations_the_test_compared(trials, tmp_path):
     """#2 confirms 1-2 images below #1 on each seed: still a tie, so the cheaper #2 is recommended, and the
     headline says its McNemar test is on the confirmed seeds (the report's tables test the search's evaluation)."""
-    with ResultsStore(tmp_path / "results.db") as store:
-        study = store.get_or_create_study("s", backbone="deit_t", budget=0.5, objectives=["a:maximize"],
-                                          data="proxy", weights="random", settings={})
-        for number, counts in ((1, [921, 925, 923]), (2, [920, 924, 921])):
-            tid = store.start_trial(study, number, {"method": "x"}, method="x", label="x")
-            c = ConfirmedAccuracy((1, 2, 3), tuple(counts), N, "val-1000", tuple(bits(k) for k in counts))
-            store.add_measurements(tid, [{"kind": "accuracy_top1", "value": c.mean, "fidelity": "confirmed",
-                                          "extra": c.extra()}])
-            store.finish_trial(tid, "complete")
-    lines, _ = summarise_search(trials, "finetuned", tmp_path, "s", BASE_GMACS)
+    lines, _ = summarise_search(trials, "finetuned", confirm_store(tmp_path, [920, 924, 921]), "s", BASE_GMACS)
     text = "\n".join(lines)
     assert "trial 2: tome" in lines[1]
     assert "McNemar p=0.12 on the confirmed seeds, paired seed by seed" in text  # 3,000 pairs, 4 images apart
