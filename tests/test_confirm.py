@@ -8,7 +8,6 @@ import contextlib
 import tempfile
 import io
 import math
-import os
 import statistics
 from pathlib import Path
 

@@ -13,17 +13,11 @@ from typing import Any
 import pandas as pd
 
 from ..search.confirm import format_confirmed
-from ..search.recommend import CONFIRMED, Recommendation, TrialRecord, accuracy_cell, accuracy_of
+from ..search.recommend import (CONFIRMED, Recommendation, TrialRecord, accuracy_cell, accuracy_of,
+                                fidelity_name)
 from ..stats import p_text
 from ..stats import Accuracy
 from .frame import StudyData
-
-FIDELITY_NAMES = {"finetuned": "fine-tuned", "zero_shot": "zero-shot", CONFIRMED: "confirmed"}
-
-
-def fidelity_name(fidelity: str | None) -> str:
-    return FIDELITY_NAMES.get(str(fidelity), str(fidelity).replace("_", "-"))
-
 
 def versus_best(row: pd.Series, best: int | None, alpha: float = 0.05) -> str:
     """How a within-budget trial compares with the most accurate one (exact McNemar)."""

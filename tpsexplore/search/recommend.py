@@ -419,11 +419,19 @@ def _basis_text(basis: str | None) -> str:
     return f"{str(basis).replace('_', '-')} accuracy, one evaluation per trial"
 
 
+FIDELITY_NAMES = {"finetuned": "fine-tuned", "zero_shot": "zero-shot", CONFIRMED: "confirmed"}
+
+
+def fidelity_name(fidelity: str | None) -> str:
+    """How tables, figures and the headline name an accuracy's fidelity ('fine-tuned', 'zero-shot', ...)."""
+    return FIDELITY_NAMES.get(str(fidelity), str(fidelity).replace("_", "-"))
+
+
 def _test_text(basis: str | None) -> str:
     """Which evaluations a paired test compared: the report's tables test the search's own evaluation."""
     if basis == CONFIRMED:
         return "on the confirmed seeds, paired seed by seed"
-    return f"on the search's {str(basis or 'finetuned').replace('finetuned', 'fine-tuned').replace('_', '-')} evaluation"
+    return f"on the search's {fidelity_name(basis or 'finetuned')} evaluation"
 
 
 def _accuracy_text(r: TrialRecord, basis: str | None, short: bool = False) -> str:
