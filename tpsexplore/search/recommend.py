@@ -416,7 +416,7 @@ def _basis_text(basis: str | None) -> str:
         return "confirmed: mean over fine-tune seeds, paired seed by seed"
     if basis in (None, "finetuned"):
         return "one fine-tune per trial, not confirmed with further seeds"
-    return f"{str(basis).replace('_', '-')} accuracy, one evaluation per trial"
+    return f"{fidelity_name(basis)} accuracy, one evaluation per trial"
 
 
 FIDELITY_NAMES = {"finetuned": "fine-tuned", "zero_shot": "zero-shot", CONFIRMED: "confirmed"}
